@@ -1,0 +1,44 @@
+"""PathLDM: text-conditioned latent diffusion for histopathology."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.1,<3",
+    "torchvision>=0.16,<1",
+    "pytorch-lightning>=2.1,<3",
+    "omegaconf>=2.3,<3",
+    "transformers>=4.40,<6",
+    "open_clip_torch>=2.20,<4",
+    "openslide-python>=1.3,<2",
+    "openslide-bin>=4.0,<5",
+    "h5py>=3.8,<4",
+    "openai>=1.0,<4",
+    "pytorch-fid>=0.3,<0.4",
+    "einops>=0.6,<1",
+    "tqdm>=4.60,<5",
+    "pillow>=9.0",
+    "numpy>=1.24,<3",
+    "scipy>=1.10,<2",
+    "scikit-image>=0.21,<1",
+    "safetensors>=0.4,<1",
+    "tensorboard>=2.12,<3",
+    "pyyaml>=6.0,<7",
+]
+
+EXTRAS = {
+    "test": ["pytest>=7.4", "tifffile>=2023.1.1"],
+    "dev": ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4"],
+}
+
+setup(
+    name="pathldm",
+    version="0.1.0",
+    description="Text-conditioned latent diffusion for histopathology (PathLDM)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*"]),
+    package_data={"data_prep": ["prompts/*.txt"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
