@@ -21,6 +21,14 @@ def load_fixture(name: str) -> dict:
     return torch.load(REFERENCE / f"{name}.pt", map_location="cpu", weights_only=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """Offline CLIP text tower directory (real BPE vocab, random hidden-32 2-layer model)."""
+    from ldm.modules.encoders.tiny import build_tiny_clip_text_encoder
+
+    return build_tiny_clip_text_encoder(tmp_path_factory.mktemp("tiny_clip"))
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip ``gpu`` tests when CUDA is absent."""
     if torch.cuda.is_available():

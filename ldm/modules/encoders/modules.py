@@ -6,6 +6,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder
+from ldm.modules.encoders.open_clip_text import FrozenOpenCLIPEmbedder
+
+__all__ = ["ClassEmbedder", "FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder"]
+
 
 class ClassEmbedder(nn.Module):
     """Embed an integer class label into a one-token context ``(B, 1, embed_dim)``.
@@ -19,7 +24,8 @@ class ClassEmbedder(nn.Module):
         super().__init__()
         self.key = key
         self.n_classes = n_classes
-        self.unconditional_class = n_classes - 1 if unconditional_class is None else unconditional_class
+        self.unconditional_class = (n_classes - 1 if unconditional_class is None
+                                    else unconditional_class)
         self.embedding = nn.Embedding(n_classes, embed_dim)
 
     def forward(self, batch: Mapping[str, torch.Tensor] | torch.Tensor,
