@@ -1,0 +1,368 @@
+"""Join tiles, tumor/TIL probabilities and report summaries into train/test training stores.
+
+Slides are matched to reports by TCGA barcode: report ids of the TCGA reports corpus are
+patient-level (``TCGA-XX-XXXX.<uuid>``) and slide ids slide-level
+(``TCGA-XX-XXXX-01Z-00-DX1.<uuid>``), so by default both are cut to their first 12 characters
+(``--id-chars``); ``--mapping`` (CSV ``slide_id,report_id``) overrides this. The split is by
+slide (by default grouped by patient, so a patient's slides stay together), from a seeded ratio
+or a split file; no slide is in both. Tiles below ``--min-tissue`` or without a probability
+(NaN) are dropped and counted. Writes ``train.h5``/``test.h5`` (docs/data_format.md, section
+3), ``splits.csv`` and ``dataset_card.json``/``.md``. A split store built from the same inputs
+and settings is kept as is on a rerun.
+
+Example::
+
+    python -m data_prep.build_dataset --tiles tiles/ --summaries summaries.jsonl \\
+        --out dataset/ --test-fraction 0.17 --seed 0
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.common import (
+    JsonlLog,
+    RunSummary,
+    add_logging_arg,
+    atomic_output,
+    setup_logging,
+    write_json_atomic,
+    write_text_atomic,
+)
+from data_prep.dataset_card import render_card, split_stats
+from data_prep.hdf5io import (
+    DATASET_STORE_VERSION,
+    STR_DTYPE,
+    VLEN_UINT8,
+    is_complete_tile_store,
+    read_store_attrs,
+)
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "test")
+
+
+@dataclass
+class BuildConfig:
+    """Settings that decide the content of the stores."""
+
+    test_fraction: float = 0.15
+    seed: int = 0
+    id_chars: int = 12
+    group_by: str = "patient"
+    min_tissue: float = 0.0
+    max_summaries: int | None = None
+    keep_unsummarized: bool = False
+    split_file: str | None = None
+    mapping: str | None = None
+
+
+@dataclass
+class SlideInfo:
+    """One tile store and what joins to it."""
+
+    slide_id: str
+    path: Path
+    n_tiles: int
+    attrs: dict
+    report_id: str | None = None
+    summaries: list[str] = field(default_factory=list)
+
+
+def load_slides(tiles_dir: Path, summary: RunSummary) -> list[SlideInfo]:
+    """Readable tile stores of ``tiles_dir``; unreadable ones go to ``summary.failed``."""
+    slides = []
+    for p in sorted(tiles_dir.glob("*.h5")):
+        if not is_complete_tile_store(p):
+            summary.failed[p.stem] = f"{p}: not a complete tile store"
+            continue
+        attrs = read_store_attrs(p)
+        with h5py.File(p, "r") as f:
+            n = len(f["tiles"])
+        slides.append(SlideInfo(str(attrs.get("slide_id", p.stem)), p, n, attrs))
+    for key in ("tile_size", "magnification"):
+        values = {s.attrs.get(key) for s in slides}
+        if len(values) > 1:
+            raise ValueError(f"tile stores disagree on {key}: {sorted(map(str, values))}; "
+                             "build one dataset per setting")
+    return slides
+
+
+def load_summaries(path: Path, max_summaries: int | None) -> tuple[dict[str, list[str]], dict]:
+    """``report_id -> summaries ordered by index`` from the JSONL, and statistics."""
+    by_report: dict[str, dict[int, str]] = defaultdict(dict)
+    models, misfits = Counter(), 0
+    for r in JsonlLog(path).records():
+        if r.get("status") != "ok" or not r.get("text"):
+            continue
+        by_report[r["report_id"]].setdefault(int(r["summary_index"]), r["text"])
+        models[f"{r.get('model')} / prompt {r.get('prompt_version')}"] += 1
+        misfits += 0 if r.get("fits", True) else 1
+    out = {rid: [t for _, t in sorted(d.items())][:max_summaries]
+           for rid, d in by_report.items()}
+    return out, {"summary_models": dict(models), "misfit_summaries": misfits}
+
+
+def match_reports(slides: list[SlideInfo], summaries: dict[str, list[str]], id_chars: int,
+                  mapping: Path | None) -> None:
+    """Set each slide's report id and summaries (by mapping CSV or by id prefix)."""
+    if mapping is not None:
+        table = {row["slide_id"]: row["report_id"] for row in _read_csv(mapping,
+                                                                        ("slide_id", "report_id"))}
+        for s in slides:
+            s.report_id = table.get(s.slide_id)
+    else:
+        key = (lambda x: x[:id_chars]) if id_chars > 0 else (lambda x: x)
+        by_key: dict[str, list[str]] = defaultdict(list)
+        for rid in sorted(summaries):
+            by_key[key(rid)].append(rid)
+        for s in slides:
+            candidates = by_key.get(key(s.slide_id), [])
+            if len(candidates) > 1:
+                logger.warning("%s: %d reports match (%s); using %s", s.slide_id,
+                               len(candidates), candidates, candidates[0])
+            s.report_id = candidates[0] if candidates else None
+    for s in slides:
+        s.summaries = list(summaries.get(s.report_id, [])) if s.report_id else []
+
+
+def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are "
+                             f"{reader.fieldnames}")
+        return [{c: (row[c] or "").strip() for c in columns} for row in reader]
+
+
+def assign_splits(slides: list[SlideInfo], cfg: BuildConfig) -> dict[str, str]:
+    """``slide_id -> "train"|"test"`` from the split file or a seeded ratio over groups."""
+    if cfg.split_file:
+        rows = _read_csv(Path(cfg.split_file), ("slide_id", "split"))
+        bad = sorted({r["split"] for r in rows} - set(SPLITS))
+        if bad:
+            raise ValueError(f"{cfg.split_file}: unknown split name(s) {bad}; use train/test")
+        table = {r["slide_id"]: r["split"] for r in rows}
+        return {s.slide_id: table[s.slide_id] for s in slides if s.slide_id in table}
+    group = ((lambda sid: sid[: cfg.id_chars] if cfg.id_chars > 0 else sid)
+             if cfg.group_by == "patient" else (lambda sid: sid))
+    groups = sorted({group(s.slide_id) for s in slides})
+    random.Random(cfg.seed).shuffle(groups)
+    n_test = int(round(cfg.test_fraction * len(groups)))
+    if cfg.test_fraction > 0 and len(groups) >= 2:
+        n_test = min(max(n_test, 1), len(groups) - 1)
+    test = set(groups[:n_test])
+    return {s.slide_id: "test" if group(s.slide_id) in test else "train" for s in slides}
+
+
+def _signature(cfg: BuildConfig, slides: list[SlideInfo], k: int) -> str:
+    """Hash of everything a split store depends on (settings, inputs, summaries)."""
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    h.update(str(k).encode())
+    for s in slides:
+        st = s.path.stat()
+        h.update(json.dumps([s.slide_id, st.st_size, st.st_mtime_ns, s.summaries]).encode())
+    return h.hexdigest()
+
+
+def _kept_rows(f: h5py.File, min_tissue: float) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of tiles to keep, and counts of tiles dropped per reason."""
+    n = len(f["tiles"])
+    tissue = f["tissue"][:]
+    probs = [f[k][:] if k in f else np.full(n, np.nan, np.float32)
+             for k in ("tumor_prob", "til_prob")]
+    finite = np.isfinite(probs[0]) & np.isfinite(probs[1])
+    enough = tissue >= min_tissue
+    dropped = {"low_tissue": int((~enough).sum()), "nan_probability": int((enough & ~finite).sum())}
+    return np.flatnonzero(enough & finite), dropped
+
+
+def _copy_rows(src: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """``src[rows]`` for a vlen dataset, read in contiguous blocks (fast for dense ``rows``)."""
+    out = np.empty(len(rows), dtype=object)
+    pos = 0
+    for start in range(0, len(src), block):
+        sel = rows[(rows >= start) & (rows < start + block)]
+        if len(sel):
+            data = src[start:min(start + block, len(src))]
+            out[pos:pos + len(sel)] = data[sel - start]
+            pos += len(sel)
+    return out
+
+
+def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
+    n0 = ds.shape[0]
+    ds.resize(n0 + len(values), axis=0)
+    ds[n0:] = values
+
+
+def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfig, k: int,
+                signature: str) -> None:
+    """Write one split store atomically (docs/data_format.md, section 3)."""
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = {
+            "images": f.create_dataset("images", (0,), maxshape=(None,), dtype=VLEN_UINT8,
+                                       chunks=(256,)),
+            "slide_index": f.create_dataset("slide_index", (0,), maxshape=(None,),
+                                            dtype=np.int32, chunks=(4096,)),
+            "coords": f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype=np.int64,
+                                       chunks=(4096, 2)),
+            "tumor_prob": f.create_dataset("tumor_prob", (0,), maxshape=(None,),
+                                           dtype=np.float32, chunks=(4096,)),
+            "til_prob": f.create_dataset("til_prob", (0,), maxshape=(None,), dtype=np.float32,
+                                         chunks=(4096,)),
+        }
+        kept, dropped, empty = [], Counter(), []
+        for s in tqdm(slides, desc=split, unit="slide"):
+            with h5py.File(s.path, "r") as src:
+                rows, d = _kept_rows(src, cfg.min_tissue)
+                dropped.update(d)
+                if len(rows) == 0:
+                    empty.append(s.slide_id)
+                    continue
+                _append(ds["images"], _copy_rows(src["tiles"], rows))
+                _append(ds["slide_index"], np.full(len(rows), len(kept), np.int32))
+                _append(ds["coords"], src["coords"][:][rows])
+                for key in ("tumor_prob", "til_prob"):
+                    _append(ds[key], src[key][:][rows])
+            kept.append(s)
+        summaries = np.full((len(kept), k), "", dtype=object)
+        for i, s in enumerate(kept):
+            summaries[i, : len(s.summaries)] = s.summaries
+        f.create_dataset("slides", data=np.array([s.slide_id for s in kept], dtype=object),
+                         dtype=STR_DTYPE)
+        f.create_dataset("summaries", data=summaries, dtype=STR_DTYPE)
+        f.create_dataset("n_summaries", data=np.array([len(s.summaries) for s in kept],
+                                                      dtype=np.int32))
+        f.attrs.update({
+            "split": split, "format_version": DATASET_STORE_VERSION, "seed": cfg.seed,
+            "tile_size": int(slides[0].attrs["tile_size"]) if slides else 0,
+            "magnification": float(slides[0].attrs["magnification"]) if slides else 0.0,
+            "signature": signature, "build_config": json.dumps(asdict(cfg)),
+            "dropped_low_tissue": dropped["low_tissue"],
+            "dropped_nan_probability": dropped["nan_probability"],
+            "slides_without_patches": json.dumps(empty),
+        })
+
+
+def _store_signature(path: Path) -> str | None:
+    try:
+        return str(read_store_attrs(path).get("signature"))
+    except OSError:
+        return None
+
+
+def build(tiles_dir: Path, summaries_path: Path | None, out_dir: Path, cfg: BuildConfig,
+          overwrite: bool = False) -> tuple[RunSummary, dict]:
+    """Build both split stores, ``splits.csv`` and the dataset card; returns (summary, card)."""
+    summary = RunSummary("build_dataset")
+    slides = load_slides(tiles_dir, summary)
+    if not slides:
+        raise ValueError(f"no tile stores in {tiles_dir}")
+    summaries, sum_stats = (load_summaries(summaries_path, cfg.max_summaries)
+                            if summaries_path else ({}, {}))
+    match_reports(slides, summaries, cfg.id_chars, Path(cfg.mapping) if cfg.mapping else None)
+    without = sorted(s.slide_id for s in slides if not s.summaries)
+    if without:
+        logger.warning("%d slides have no summary%s: %s", len(without),
+                       "" if cfg.keep_unsummarized else " and are left out", without[:20])
+    included = slides if cfg.keep_unsummarized else [s for s in slides if s.summaries]
+    assignment = assign_splits(included, cfg)
+    k = max([len(s.summaries) for s in included] + [1])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card: dict = {"format_version": DATASET_STORE_VERSION,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": asdict(cfg),
+                  "splits": {}, **sum_stats}
+    for split in SPLITS:
+        members = [s for s in included if assignment.get(s.slide_id) == split]
+        path = out_dir / f"{split}.h5"
+        sig = _signature(cfg, members, k)
+        if not overwrite and path.is_file() and _store_signature(path) == sig:
+            summary.skipped.append(split)
+        else:
+            write_split(path, split, members, cfg, k, sig)
+            summary.done.append(split)
+        card["splits"][split] = split_stats(path)
+    write_text_atomic(out_dir / "splits.csv", "slide_id,split\n" + "".join(
+        f"{sid},{sp}\n" for sid, sp in sorted(assignment.items())))
+    card["slides_without_summary"] = without
+    card["unassigned_slides"] = sorted(s.slide_id for s in included
+                                       if s.slide_id not in assignment)
+    card["probability_sources"] = dict(Counter(
+        f"tumor: {s.attrs.get('tumor_source', 'none')} | til: {s.attrs.get('til_source', 'none')}"
+        for s in slides))
+    write_json_atomic(out_dir / "dataset_card.json", card)
+    write_text_atomic(out_dir / "dataset_card.md", render_card(card))
+    summary.extra.update({s: f"{card['splits'][s]['slides']} slides, "
+                             f"{card['splits'][s]['patches']} patches" for s in SPLITS})
+    summary.extra["slides without summary"] = len(without)
+    summary.extra["output"] = str(out_dir)
+    return summary, card
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m data_prep.build_dataset", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiles", type=Path, required=True, help="folder of per-slide tile stores")
+    p.add_argument("--summaries", type=Path, default=None, help="summaries JSONL")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder")
+    p.add_argument("--mapping", type=Path, default=None, help="CSV slide_id,report_id")
+    p.add_argument("--id-chars", type=int, default=12,
+                   help="match slide and report ids on this many leading characters "
+                        "(12 = TCGA patient barcode; 0 = whole id) (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float, default=0.15,
+                   help="share of patients (or slides) in the test split (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
+    p.add_argument("--group-by", choices=["patient", "slide"], default="patient",
+                   help="keep a patient's slides in one split (default) or split slides freely")
+    p.add_argument("--split-file", type=Path, default=None,
+                   help="CSV slide_id,split (train/test) instead of a random split")
+    p.add_argument("--min-tissue", type=float, default=0.0,
+                   help="drop tiles with less tissue than this (default: %(default)s)")
+    p.add_argument("--max-summaries", type=int, default=None, help="use at most K per slide")
+    p.add_argument("--keep-unsummarized", action="store_true",
+                   help="keep slides without a summary (n_summaries 0), e.g. for class "
+                        "conditioning")
+    p.add_argument("--overwrite", action="store_true", help="rewrite stores even if up to date")
+    add_logging_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if not 0.0 <= args.test_fraction < 1.0:
+        raise SystemExit(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    cfg = BuildConfig(args.test_fraction, args.seed, args.id_chars, args.group_by,
+                      args.min_tissue, args.max_summaries, args.keep_unsummarized,
+                      str(args.split_file) if args.split_file else None,
+                      str(args.mapping) if args.mapping else None)
+    try:
+        summary, card = build(args.tiles, args.summaries, args.out, cfg, args.overwrite)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from e
+    print(render_card(card))
+    return summary.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Summarize pathology reports with an LLM (PathLDM's two-step chain of thought) into JSONL.
+
+For every report and summary index the model is first asked for the report's key points, then,
+in the same conversation, for a 75-word summary with ``max_tokens=154``. Each summary is
+checked to fit the 154-token CLIP budget together with the ``high tumor; high til; `` caption
+prefix; a misfit is regenerated up to ``--fit-retries`` times and flagged if it still does not
+fit. Output is append-only JSONL, one record per (report, summary index); a rerun skips pairs
+that are done, so an interrupted run never pays twice. Empty or unreadable reports get an
+error record with the reason. The API key is read from the environment (``OPENAI_API_KEY`` by
+default) and never logged or written.
+
+Inputs: the TCGA reports corpus CSV (columns ``patient_filename,text``; configurable) or a
+folder of ``.txt`` files (report id = file name without ``.txt``).
+
+``--backend local`` (or ``auto`` without a key) uses a local *extractive stand-in*, not an LLM:
+it keeps the report sentences with the most diagnostic keywords, within the token budget, and
+labels its records ``model: "local-extractive-standin"``.
+
+Example::
+
+    OPENAI_API_KEY=... python -m data_prep.summarize_reports TCGA_Reports.csv \\
+        --out summaries.jsonl --n-summaries 5 --concurrency 8
+    python -m data_prep.summarize_reports reports/ --out s.jsonl \\
+        --base-url http://localhost:8000/v1 --model meta-llama/Llama-3.1-8B-Instruct
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm
+
+from data_prep.common import JsonlLog, RunSummary, add_logging_arg, setup_logging
+from data_prep.llm import FatalAPIError, RetryPolicy, Usage, scrub
+from data_prep.summary_backends import (
+    LOCAL_MODEL,
+    LocalExtractiveBackend,
+    OpenAIBackend,
+    Prompts,
+    TokenBudget,
+    estimate_cost,
+    load_price_table,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Report:
+    """One report; ``error`` is set when it cannot be summarized (empty, unreadable)."""
+
+    report_id: str
+    text: str
+    error: str | None = None
+
+
+def load_reports(path: Path, id_column: str = "patient_filename",
+                 text_column: str = "text") -> list[Report]:
+    """Reports from a CSV (id + text columns) or a folder of ``.txt`` files, sorted by id."""
+    if path.is_dir():
+        reports = [_read_txt(p) for p in sorted(path.glob("*.txt"))]
+    else:
+        reports = _read_csv(path, id_column, text_column)
+    dups = sorted(i for i, n in Counter(r.report_id for r in reports).items() if n > 1)
+    if dups:
+        raise ValueError(f"{path}: duplicate report ids: {dups[:10]}")
+    return sorted(reports, key=lambda r: r.report_id)
+
+
+def _read_txt(p: Path) -> Report:
+    rid = p.name[: -len(".txt")]
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Report(rid, "", f"unreadable: {p.name} is not UTF-8 text ({e.reason} at byte "
+                               f"{e.start})")
+    except OSError as e:
+        return Report(rid, "", f"unreadable: {e}")
+    return _checked(rid, text)
+
+
+def _read_csv(path: Path, id_column: str, text_column: str) -> list[Report]:
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        missing = [c for c in (id_column, text_column) if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols} "
+                             "(set --id-column/--text-column)")
+        out = []
+        for row in reader:
+            rid = (row[id_column] or "").strip()
+            if rid:
+                out.append(_checked(rid, row[text_column]))
+        return out
+
+
+def _checked(rid: str, text: str | None) -> Report:
+    text = (text or "").strip()
+    return Report(rid, text, None if text else "empty report")
+
+
+@dataclass
+class Job:
+    """Everything a worker thread needs."""
+
+    backend: Any
+    budget: TokenBudget
+    log: JsonlLog
+    fit_retries: int
+    stop: threading.Event
+
+
+def summarize_one(job: Job, report: Report, index: int) -> dict:
+    """Summarize ``report`` once (summary ``index``), append the record, return it."""
+    if job.stop.is_set():
+        return {"status": "cancelled"}
+    try:
+        return _summarize_one(job, report, index)
+    except FatalAPIError:
+        job.stop.set()  # at once, so no other thread starts a doomed request
+        raise
+
+
+def _summarize_one(job: Job, report: Report, index: int) -> dict:
+    usage = Usage()
+    key_points = job.backend.key_points(report.text, usage, f"{report.report_id}#{index}")
+    res = None
+    for attempt in range(job.fit_retries + 1):
+        res = job.backend.summary(report.text, key_points, usage,
+                                  f"{report.report_id}#{index}")
+        n_tokens = job.budget.count(res.content)
+        if res.content and n_tokens <= job.budget.max_tokens:
+            break
+        logger.warning("%s#%d: summary of %d CLIP tokens with the prefix (budget %d)%s",
+                       report.report_id, index, n_tokens, job.budget.max_tokens,
+                       ", regenerating" if attempt < job.fit_retries else ", flagged")
+    record = {
+        "report_id": report.report_id, "summary_index": index, "status": "ok",
+        "text": res.content, "model": job.backend.model,
+        "prompt_version": job.backend.prompt_version, "usage": usage.as_dict(),
+        "clip_tokens": n_tokens, "fits": bool(res.content) and n_tokens <= job.budget.max_tokens,
+        "finish_reason": res.finish_reason, "attempts": attempt + 1, "key_points": key_points,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if not res.content:
+        record.update(status="error", reason="the model returned an empty summary",
+                      retryable=True)
+    job.log.append(record)
+    return record
+
+
+def _done_pairs(records: list[dict]) -> tuple[set[tuple[str, int]], set[str], set[str]]:
+    done = {(r["report_id"], r["summary_index"]) for r in records if r.get("status") == "ok"}
+    input_errors = {r["report_id"] for r in records
+                    if r.get("status") == "error" and r.get("summary_index") is None}
+    producers = {f"{r.get('model')} / prompt {r.get('prompt_version')}" for r in records
+                 if r.get("status") == "ok"}
+    return done, input_errors, producers
+
+
+def run(reports: list[Report], backend: Any, budget: TokenBudget, out: Path, n_summaries: int,
+        concurrency: int = 4, fit_retries: int = 2) -> RunSummary:
+    """Summarize every (report, index) not yet in ``out``; returns the run summary."""
+    log = JsonlLog(out)
+    done, input_errors, producers = _done_pairs(log.records())
+    current = f"{backend.model} / prompt {backend.prompt_version}"
+    if producers - {current}:
+        logger.warning("%s already holds summaries from %s; they count as done (write to a new "
+                       "file to redo them with %s)", out, sorted(producers - {current}), current)
+    summary = RunSummary("summarize_reports")
+    for r in reports:
+        if r.error is not None:
+            summary.failed[r.report_id] = r.error
+            if r.report_id not in input_errors:
+                log.append({"report_id": r.report_id, "summary_index": None, "status": "error",
+                            "reason": r.error, "retryable": False, "model": backend.model,
+                            "prompt_version": backend.prompt_version})
+    todo = [(r, i) for r in reports if r.error is None for i in range(n_summaries)
+            if (r.report_id, i) not in done]
+    summary.skipped = [f"{r.report_id}#{i}" for r in reports if r.error is None
+                       for i in range(n_summaries) if (r.report_id, i) in done]
+    job = Job(backend, budget, log, fit_retries, threading.Event())
+    usage = Usage()
+    summary.extra["flagged misfits"] = 0
+    try:
+        _run_pool(job, todo, concurrency, summary, usage)
+    except KeyboardInterrupt:
+        summary.extra["interrupted"] = "yes: in-flight summaries were recorded; rerun to resume"
+    _add_usage(summary, backend, usage)
+    summary.extra["output"] = str(out)
+    return summary
+
+
+def _run_pool(job: Job, todo: list, concurrency: int, summary: RunSummary, usage: Usage) -> None:
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="summarize")
+    futures: dict = {}
+    bar = tqdm(total=len(todo), desc="summaries", unit="summary")
+    try:
+        for r, i in todo:
+            futures[pool.submit(summarize_one, job, r, i)] = (r, i)
+        for fut in as_completed(futures):
+            r, i = futures[fut]
+            name = f"{r.report_id}#{i}"
+            bar.update(1)
+            try:
+                rec = fut.result()
+            except FatalAPIError as e:
+                job.stop.set()
+                summary.failed[name] = f"fatal API error, run stopped: {scrub(str(e))}"
+                continue
+            except Exception as e:  # one failed pair must not stop the others
+                summary.failed[name] = scrub(f"{type(e).__name__}: {e}")
+                continue
+            if rec["status"] == "cancelled":
+                summary.failed[name] = "not attempted (run stopped)"
+                continue
+            usage.add(rec["usage"]["prompt_tokens"], rec["usage"]["completion_tokens"])
+            if rec["status"] == "ok":
+                summary.done.append(name)
+                summary.extra["flagged misfits"] += 0 if rec["fits"] else 1
+            else:
+                summary.failed[name] = rec["reason"]
+    except KeyboardInterrupt:
+        logger.warning("interrupted: finishing the requests in flight, then stopping")
+        job.stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+        pool.shutdown(wait=True)
+
+
+def _add_usage(summary: RunSummary, backend: Any, usage: Usage) -> None:
+    """Tokens and cost of this run: every successful API call (also of unfinished pairs)."""
+    client_usage = getattr(backend, "client_usage", None)
+    paid = client_usage if client_usage is not None else usage
+    summary.extra["model"] = backend.model
+    summary.extra["tokens (prompt / completion)"] = (f"{paid.prompt_tokens} / "
+                                                     f"{paid.completion_tokens}")
+    if client_usage is not None:
+        summary.extra["API calls ok (retried)"] = f"{client_usage.calls} ({client_usage.retries})"
+    summary.extra["estimated cost (USD)"] = estimate_cost(backend.model, paid, backend.prices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m data_prep.summarize_reports", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("reports", type=Path, help="reports CSV or a folder of .txt files")
+    p.add_argument("--out", type=Path, required=True, help="summaries JSONL (appended to)")
+    p.add_argument("--id-column", default="patient_filename", help="CSV report id column")
+    p.add_argument("--text-column", default="text", help="CSV report text column")
+    p.add_argument("--backend", choices=["openai", "local", "auto"], default="openai",
+                   help="openai: any OpenAI-compatible server; local: the extractive stand-in "
+                        "(not an LLM); auto: openai when a key or --base-url is set, else local")
+    p.add_argument("--model", default="gpt-3.5-turbo", help="chat model (default: %(default)s)")
+    p.add_argument("--base-url", default=None,
+                   help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM), "
+                        "http://localhost:11434/v1 (Ollama)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the API key (default: %(default)s)")
+    p.add_argument("--n-summaries", type=int, default=1,
+                   help="independent summaries per report (5 for the ablation)")
+    p.add_argument("--prompt-version", default="v1", help="prompt files <part>_<version>.txt")
+    p.add_argument("--prompt-dir", type=Path, default=None,
+                   help="folder with system_/keypoints_/summary_<version>.txt (default: bundled)")
+    p.add_argument("--max-tokens", type=int, default=154,
+                   help="max_tokens of the final summary answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    p.add_argument("--concurrency", type=int, default=4, help="parallel requests")
+    p.add_argument("--max-retries", type=int, default=6, help="retries per request")
+    p.add_argument("--backoff-base", type=float, default=1.0, help="first backoff delay (s)")
+    p.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff delay (s)")
+    p.add_argument("--timeout", type=float, default=60.0, help="request timeout (s)")
+    p.add_argument("--fit-retries", type=int, default=2,
+                   help="regenerations of a summary that exceeds the CLIP token budget")
+    p.add_argument("--clip-budget", type=int, default=154,
+                   help="CLIP tokens available to a caption, BOS/EOS included (default: 154)")
+    p.add_argument("--price-table", type=Path, default=None,
+                   help='JSON {"model": {"input": USD per 1M tokens, "output": ...}}')
+    p.add_argument("--limit", type=int, default=None, help="only the first N reports (trials)")
+    add_logging_arg(p)
+    return p
+
+
+def make_backend(args: argparse.Namespace) -> Any:
+    """The summarizer chosen by ``--backend`` (and the environment for ``auto``)."""
+    prices = load_price_table(args.price_table)
+    api_key = os.environ.get(args.api_key_env) or None
+    backend = args.backend
+    if backend == "auto":
+        backend = "openai" if (api_key or args.base_url) else "local"
+        if backend == "local":
+            logger.warning("no %s set and no --base-url: using the LOCAL EXTRACTIVE STAND-IN "
+                           "(model %r), not an LLM", args.api_key_env, LOCAL_MODEL)
+    if backend == "local":
+        logger.warning("summaries come from the local extractive stand-in (%s), not an LLM",
+                       LOCAL_MODEL)
+        return LocalExtractiveBackend(TokenBudget(args.clip_budget), prices)
+    if api_key is None:
+        if args.base_url is None:
+            raise SystemExit(f"error: set {args.api_key_env} in the environment (or pass "
+                             "--base-url for a local server, or --backend local)")
+        logger.info("no %s set: sending a placeholder key to %s", args.api_key_env, args.base_url)
+        api_key = "no-key"
+    policy = RetryPolicy(args.max_retries, args.backoff_base, args.backoff_max)
+    prompts = Prompts.load(args.prompt_version, args.prompt_dir)
+    return OpenAIBackend(args.model, api_key, prompts, base_url=args.base_url,
+                         timeout=args.timeout, policy=policy, temperature=args.temperature,
+                         max_tokens=args.max_tokens, prices=prices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code (130 when interrupted)."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.n_summaries < 1:
+        raise SystemExit("--n-summaries must be >= 1")
+    try:
+        reports = load_reports(args.reports, args.id_column, args.text_column)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if args.limit is not None:
+        reports = reports[: args.limit]
+    try:
+        backend = make_backend(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from e
+    budget = TokenBudget(args.clip_budget)
+    logger.info("%d reports x %d summaries with %s -> %s", len(reports), args.n_summaries,
+                backend.model, args.out)
+    summary = run(reports, backend, budget, args.out, args.n_summaries, args.concurrency,
+                  args.fit_retries)
+    code = summary.report()
+    return 130 if "interrupted" in summary.extra else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

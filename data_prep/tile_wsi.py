@@ -1,0 +1,435 @@
+"""Tile whole-slide images into per-slide HDF5 stores of JPEG tiles at a target magnification.
+
+Reads any format OpenSlide reads (SVS, generic tiled TIFF, NDPI, MRXS, SCN, BIF, VMS, ...).
+For each slide: the level-0 magnification comes from the objective power, else from the microns
+per pixel (magnification = 10 / mpp, the usual 10x = 1 um/px convention), else from ``--mpp``;
+tiles are read from the best pyramid level for the needed downsample and resized. Tissue is
+detected on a thumbnail (Otsu threshold on HSV saturation, clamped to a sane range) and tiles
+with less than ``--min-tissue`` tissue are skipped. One store per slide is written atomically;
+rerunning skips slides whose store exists, so an interrupted run resumes.
+
+Example::
+
+    python -m data_prep.tile_wsi slides/ --out tiles/ --magnification 10 --tile-size 256 \\
+        --workers 8 --shard 0/4
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+from data_prep.common import (
+    RunSummary,
+    add_logging_arg,
+    parse_shard,
+    select_shard,
+    setup_logging,
+)
+from data_prep.hdf5io import encode_jpeg, is_complete_tile_store, write_tile_store
+
+logger = logging.getLogger(__name__)
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
+                    ".svslide")
+THUMB_PX_PER_TILE = 32  # thumbnail resolution of the tissue mask, in pixels per tile side
+MAX_THUMB_SIDE = 8192  # bounds the thumbnail's memory for very large slides
+SATURATION_RANGE = (15, 40)  # clamp of the Otsu threshold on 0-255 saturation
+MIN_VALUE = 30  # pixels darker than this (0-255) are scanner borders, not tissue
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be tiled; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How to tile: target magnification, tile geometry, tissue filter, encoding."""
+
+    magnification: float = 10.0
+    tile_size: int = 256
+    stride: int | None = None
+    min_tissue: float = 0.5
+    jpeg_quality: int = 80
+    mpp: float | None = None
+    show_progress: bool = True
+
+    @property
+    def step(self) -> int:
+        """Stride in output pixels (defaults to the tile size: no overlap)."""
+        return self.stride or self.tile_size
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where and how to read one slide's tiles."""
+
+    objective_power: float
+    mpp: float
+    base_magnification: float
+    downsample: float
+    level: int
+    level_downsample: float
+    level0_tile: int
+    level0_stride: int
+    read_size: int
+    origin: tuple[int, int]
+    extent: tuple[int, int]
+
+
+def _float_prop(props, key: str) -> float:
+    try:
+        v = float(props.get(key, "nan"))
+    except ValueError:
+        return math.nan
+    return v if v > 0 else math.nan
+
+
+def slide_geometry(slide, cfg: TileConfig, name: str) -> Geometry:
+    """Level-0 magnification, downsample and best pyramid level of ``slide`` for ``cfg``."""
+    import openslide
+
+    props = slide.properties
+    objective = _float_prop(props, openslide.PROPERTY_NAME_OBJECTIVE_POWER)
+    mpp = _float_prop(props, openslide.PROPERTY_NAME_MPP_X)
+    if math.isnan(mpp) and cfg.mpp:
+        mpp = float(cfg.mpp)
+    if not math.isnan(objective):
+        base = objective
+    elif not math.isnan(mpp):
+        base = 10.0 / mpp
+    else:
+        raise SlideError(f"{name}: neither objective power nor microns per pixel is known; "
+                         "pass --mpp with the level-0 microns per pixel")
+    downsample = base / cfg.magnification
+    if downsample < 1 - 1e-6:
+        raise SlideError(f"{name}: level 0 is {base:g}x, cannot tile at {cfg.magnification:g}x "
+                         "without upsampling")
+    # a hair of tolerance so a level whose downsample is 4.0001 still counts for 4
+    level = slide.get_best_level_for_downsample(downsample * (1 + 1e-3))
+    level_ds = float(slide.level_downsamples[level])
+    l0_tile = int(round(cfg.tile_size * downsample))
+    l0_stride = int(round(cfg.step * downsample))
+    w0, h0 = slide.dimensions
+    ox = int(props.get(openslide.PROPERTY_NAME_BOUNDS_X, 0))
+    oy = int(props.get(openslide.PROPERTY_NAME_BOUNDS_Y, 0))
+    ew = int(props.get(openslide.PROPERTY_NAME_BOUNDS_WIDTH, w0 - ox))
+    eh = int(props.get(openslide.PROPERTY_NAME_BOUNDS_HEIGHT, h0 - oy))
+    return Geometry(objective, mpp, base, downsample, level, level_ds, l0_tile, l0_stride,
+                    int(round(l0_tile / level_ds)), (ox, oy), (ew, eh))
+
+
+def grid_positions(geom: Geometry) -> np.ndarray:
+    """Level-0 ``(x, y)`` of every full tile of the grid, row-major, shape ``(N, 2)``."""
+    (ox, oy), (ew, eh) = geom.origin, geom.extent
+    xs = np.arange(ox, ox + ew - geom.level0_tile + 1, geom.level0_stride, dtype=np.int64)
+    ys = np.arange(oy, oy + eh - geom.level0_tile + 1, geom.level0_stride, dtype=np.int64)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([xx.ravel(), yy.ravel()], axis=1)
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's threshold of uint8 values (maximises the between-class variance)."""
+    hist = np.bincount(values.ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        return 0.0
+    levels = np.arange(256, dtype=np.float64)
+    w0 = np.cumsum(hist)
+    m0 = np.cumsum(hist * levels)
+    w1 = total - w0
+    mean_all = m0[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mean_all * w0 - m0 * total) ** 2 / (w0 * w1)
+    between[~np.isfinite(between)] = -1
+    return float(np.argmax(between)) + 0.5
+
+
+def tissue_mask(thumb: Image.Image) -> np.ndarray:
+    """Tissue mask: saturation above a clamped Otsu threshold, not near-black, then closed."""
+    hsv = np.asarray(thumb.convert("RGB").convert("HSV"))
+    sat, val = hsv[..., 1], hsv[..., 2]
+    lo, hi = SATURATION_RANGE
+    thr = min(max(otsu_threshold(sat), lo), hi)
+    mask = Image.fromarray(((sat > thr) & (val > MIN_VALUE)).astype(np.uint8) * 255)
+    # closing fills the pale gaps inside loose stroma so they count as tissue
+    mask = mask.filter(ImageFilter.MaxFilter(5)).filter(ImageFilter.MinFilter(5))
+    return np.asarray(mask) > 0
+
+
+def tissue_fractions(slide, geom: Geometry, coords: np.ndarray) -> np.ndarray:
+    """Tissue fraction of each tile, from a thumbnail mask and an integral image."""
+    w0, h0 = slide.dimensions
+    td = max(geom.level0_tile / THUMB_PX_PER_TILE, max(w0, h0) / MAX_THUMB_SIDE, 1.0)
+    thumb = slide.get_thumbnail((max(1, math.ceil(w0 / td)), max(1, math.ceil(h0 / td))))
+    mask = tissue_mask(thumb).astype(np.float64)
+    sx, sy = mask.shape[1] / w0, mask.shape[0] / h0
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1))
+    integral[1:, 1:] = mask.cumsum(0).cumsum(1)
+    x0 = np.clip(np.round(coords[:, 0] * sx).astype(int), 0, mask.shape[1])
+    y0 = np.clip(np.round(coords[:, 1] * sy).astype(int), 0, mask.shape[0])
+    x1 = np.clip(np.round((coords[:, 0] + geom.level0_tile) * sx).astype(int), 0, mask.shape[1])
+    y1 = np.clip(np.round((coords[:, 1] + geom.level0_tile) * sy).astype(int), 0, mask.shape[0])
+    x1, y1 = np.maximum(x1, x0 + 1), np.maximum(y1, y0 + 1)
+    x1, y1 = np.minimum(x1, mask.shape[1]), np.minimum(y1, mask.shape[0])
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    sums = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (sums / area).astype(np.float32)
+
+
+def read_tile(slide, geom: Geometry, x: int, y: int, tile_size: int) -> Image.Image:
+    """The tile at level-0 ``(x, y)``: best-level read, alpha on white, resized to tile_size."""
+    region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
+    if region.getextrema()[3][0] == 255:  # fully opaque: no compositing needed
+        rgb = region.convert("RGB")
+    else:  # outside the scanned area: transparent pixels become white background
+        background = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        background.alpha_composite(region)
+        rgb = background.convert("RGB")
+    if rgb.size != (tile_size, tile_size):
+        rgb = rgb.resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def slide_id_of(path: Path) -> str:
+    """Slide id: the file name without its last extension."""
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def _open_slide(path: Path):
+    import openslide
+
+    if not path.is_file():
+        raise SlideError(f"{path}: file not found")
+    try:
+        return openslide.OpenSlide(str(path))
+    except openslide.OpenSlideUnsupportedFormatError as e:
+        raise SlideError(f"{path}: {_diagnose_unreadable(path)}") from e
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{path}: OpenSlide cannot open it (corrupt or truncated?): {e}") from e
+
+
+def _diagnose_unreadable(path: Path) -> str:
+    """Why OpenSlide rejected a file: empty, truncated TIFF, unrecognised TIFF, or not a slide."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file"
+    with path.open("rb") as fh:
+        head = fh.read(16)
+    order = {b"II": "<", b"MM": ">"}.get(head[:2])
+    if order is None or len(head) < 16:
+        return "not a slide OpenSlide can read (unrecognised format)"
+    magic = int.from_bytes(head[2:4], "little" if order == "<" else "big")
+    byteorder = "little" if order == "<" else "big"
+    if magic == 42:
+        ifd = int.from_bytes(head[4:8], byteorder)
+    elif magic == 43:
+        ifd = int.from_bytes(head[8:16], byteorder)
+    else:
+        return "not a slide OpenSlide can read (unrecognised format)"
+    if ifd >= size:
+        return (f"truncated or corrupt TIFF: its first directory is at byte {ifd} but the file "
+                f"has only {size} bytes")
+    return ("a TIFF that OpenSlide does not recognise as a slide (not tiled, unsupported "
+            "vendor variant, or corrupt)")
+
+
+def tile_slide(path: Path, out_dir: Path, cfg: TileConfig, overwrite: bool = False) -> dict:
+    """Tile one slide into ``out_dir/<slide_id>.h5``; returns a result record, never raises."""
+    import openslide
+
+    sid = slide_id_of(path)
+    out = out_dir / f"{sid}.h5"
+    t0 = time.perf_counter()
+    if not overwrite and is_complete_tile_store(out):
+        return {"slide_id": sid, "status": "skipped", "tiles": 0, "seconds": 0.0}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        slide = _open_slide(path)
+        try:
+            n = _tile_open_slide(slide, path, out, cfg)
+        finally:
+            slide.close()
+    except SlideError as e:
+        return {"slide_id": sid, "status": "failed", "error": str(e)}
+    except openslide.OpenSlideError as e:
+        return {"slide_id": sid, "status": "failed",
+                "error": f"{path}: OpenSlide read error (corrupt or truncated file?): {e}"}
+    except Exception as e:  # keep the other slides going whatever happens to this one
+        logger.debug("tiling %s failed", path, exc_info=True)
+        return {"slide_id": sid, "status": "failed", "error": f"{path}: {type(e).__name__}: {e}"}
+    return {"slide_id": sid, "status": "done", "tiles": n,
+            "seconds": time.perf_counter() - t0}
+
+
+def _tile_open_slide(slide, path: Path, out: Path, cfg: TileConfig) -> int:
+    sid = slide_id_of(path)
+    geom = slide_geometry(slide, cfg, str(path))
+    coords = grid_positions(geom)
+    tissue = tissue_fractions(slide, geom, coords) if len(coords) else np.zeros(0, np.float32)
+    keep = tissue >= cfg.min_tissue
+    coords, tissue = coords[keep], tissue[keep]
+    logger.info("%s: %s, level %d (downsample %.3f), %d of %d tiles with tissue >= %.2f", sid,
+                f"{geom.base_magnification:g}x -> {cfg.magnification:g}x", geom.level,
+                geom.level_downsample, len(coords), int(keep.size), cfg.min_tissue)
+    tiles = []
+    bar = tqdm(coords, desc=sid, unit="tile", leave=False, disable=not cfg.show_progress)
+    for x, y in bar:
+        tiles.append(encode_jpeg(read_tile(slide, geom, x, y, cfg.tile_size), cfg.jpeg_quality))
+    attrs = {
+        "slide_id": sid, "source_file": path.name, "mpp": geom.mpp,
+        "objective_power": geom.objective_power, "magnification": cfg.magnification,
+        "tile_size": cfg.tile_size, "stride": cfg.step, "level0_tile_size": geom.level0_tile,
+        "level0_stride": geom.level0_stride, "read_level": geom.level,
+        "jpeg_quality": cfg.jpeg_quality, "min_tissue": cfg.min_tissue,
+        "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
+    }
+    write_tile_store(out, tiles, coords, tissue, attrs)
+    return len(tiles)
+
+
+def discover_slides(inputs: list[Path], slide_list: Path | None = None) -> list[Path]:
+    """Slide files from files, directories (searched recursively) and an optional list file."""
+    paths: list[Path] = []
+    for p in inputs:
+        if p.is_dir():
+            paths += [f for f in p.rglob("*")
+                      if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS]
+        else:
+            paths.append(p)
+    if slide_list is not None:
+        lines = slide_list.read_text(encoding="utf-8").splitlines()
+        paths += [Path(s.strip()) for s in lines if s.strip() and not s.startswith("#")]
+    paths = sorted(set(paths))
+    seen: dict[str, Path] = {}
+    for p in paths:
+        sid = slide_id_of(p)
+        if sid in seen:
+            raise ValueError(f"two slides share the id {sid!r}: {seen[sid]} and {p}")
+        seen[sid] = p
+    return paths
+
+
+def run_tiling(paths: list[Path], out_dir: Path, cfg: TileConfig, workers: int = 1,
+               overwrite: bool = False, log_level: str = "INFO") -> RunSummary:
+    """Tile ``paths`` into ``out_dir`` with ``workers`` processes; returns the run summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = RunSummary("tile_wsi")
+    t0 = time.perf_counter()
+    total_tiles, tile_seconds = 0, 0.0
+    bar = tqdm(total=len(paths), desc="slides", unit="slide")
+    for res in _iter_results(paths, out_dir, cfg, workers, overwrite, log_level):
+        bar.update(1)
+        if res["status"] == "done":
+            summary.done.append(res["slide_id"])
+            total_tiles += res["tiles"]
+            tile_seconds += res["seconds"]
+            bar.set_postfix(tiles=total_tiles)
+        elif res["status"] == "skipped":
+            summary.skipped.append(res["slide_id"])
+        else:
+            summary.failed[res["slide_id"]] = res["error"]
+    bar.close()
+    wall = time.perf_counter() - t0
+    summary.extra.update({
+        "tiles written": total_tiles,
+        "wall time (s)": round(wall, 2),
+        "throughput (tiles/s, wall)": round(total_tiles / wall, 1) if wall > 0 else 0.0,
+        "throughput (tiles/s per worker)": (round(total_tiles / tile_seconds, 1)
+                                            if tile_seconds > 0 else 0.0),
+        "output": str(out_dir),
+    })
+    return summary
+
+
+def _iter_results(paths, out_dir, cfg, workers, overwrite, log_level):
+    if workers <= 1:
+        for p in paths:
+            yield tile_slide(p, out_dir, cfg, overwrite)
+        return
+    quiet = TileConfig(**{**asdict(cfg), "show_progress": False})
+    ctx = mp.get_context("spawn")  # OpenSlide handles must not be shared across a fork
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=setup_logging,
+                             initargs=(log_level,)) as pool:
+        futures = {pool.submit(tile_slide, p, out_dir, quiet, overwrite): p for p in paths}
+        for fut in as_completed(futures):
+            p = futures[fut]
+            try:
+                yield fut.result()
+            except BrokenProcessPool as e:
+                yield {"slide_id": slide_id_of(p), "status": "failed",
+                       "error": f"{p}: worker process died ({e})"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.tile_wsi", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", type=Path,
+                   help="slide files and/or directories (searched recursively for "
+                        + ", ".join(SLIDE_EXTENSIONS) + ")")
+    p.add_argument("--out", required=True, type=Path, help="output directory of <slide_id>.h5")
+    p.add_argument("--slide-list", type=Path, help="text file with one slide path per line")
+    p.add_argument("--magnification", type=float, default=10.0,
+                   help="target magnification of the tiles (default: %(default)s)")
+    p.add_argument("--tile-size", type=int, default=256,
+                   help="tile side in pixels at the target magnification (default: %(default)s; "
+                        "use a larger size for random-crop training)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="step between tiles in output pixels (default: tile size, no overlap)")
+    p.add_argument("--min-tissue", type=float, default=0.5,
+                   help="minimum tissue fraction of a kept tile; 0 keeps all "
+                        "(default: %(default)s)")
+    p.add_argument("--jpeg-quality", type=int, default=80,
+                   help="JPEG quality; 80 keeps 256x256 H&E tiles near 20 KB "
+                        "(default: %(default)s)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="level-0 microns per pixel for slides that record neither objective "
+                        "power nor mpp (ignored for slides that do)")
+    p.add_argument("--workers", type=int, default=1, help="parallel slide processes")
+    p.add_argument("--shard", default=None,
+                   help="process only shard i of n ('i/n', 0-based) of the sorted slide list")
+    p.add_argument("--overwrite", action="store_true", help="redo slides that are already tiled")
+    add_logging_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if args.tile_size < 1 or (args.stride is not None and args.stride < 1):
+        raise SystemExit("--tile-size and --stride must be positive")
+    if not 0.0 <= args.min_tissue <= 1.0:
+        raise SystemExit(f"--min-tissue must be in [0, 1], got {args.min_tissue}")
+    try:
+        paths = discover_slides(args.inputs, args.slide_list)
+        paths = select_shard(paths, parse_shard(args.shard))
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from e
+    if not paths:
+        raise SystemExit("error: no slides found in the inputs")
+    cfg = TileConfig(args.magnification, args.tile_size, args.stride, args.min_tissue,
+                     args.jpeg_quality, args.mpp)
+    logger.info("tiling %d slides into %s (%s)", len(paths), args.out, cfg)
+    summary = run_tiling(paths, args.out, cfg, args.workers, args.overwrite, args.log_level)
+    return summary.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

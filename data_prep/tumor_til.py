@@ -1,0 +1,431 @@
+"""Add per-tile tumor and TIL probabilities (``tumor_prob``, ``til_prob``) to per-slide stores.
+
+Sources, chosen separately for tumor and TIL:
+
+* wsinfer result CSVs (``<csv-dir>/<slide_id>.csv`` with level-0 ``minx, miny, width, height``
+  and ``prob_*`` columns): each tile gets the average of the classifier patches that overlap it,
+  weighted by overlap area; NaN where no patch overlaps.
+* a patch classifier run on the tiles: a TorchScript file, or a torchvision architecture plus
+  state_dict, described by flags or a JSON spec (input size, spacing in um/px, mean/std,
+  class index, softmax/sigmoid). A tile larger than the classifier's field of view is cut into
+  crops at the classifier's spacing and their probabilities are averaged.
+* ``--stain-standin`` (demo only): NOT a tumor/TIL classifier. Within-slide ranks of colour
+  statistics: tumor = rank of the mean hematoxylin optical density, TIL = rank of the
+  hematoxylin contrast (99th minus 50th percentile: small dark nuclei on lighter tissue).
+  Deterministic and labelled as such in the store.
+
+Stores are updated atomically (edited copy renamed over the original); a rerun skips slides
+whose probabilities already come from the same source.
+
+Example::
+
+    python -m data_prep.tumor_til --tiles tiles/ --tumor-csv-dir wsinfer-tumor/model-outputs-csv \\
+        --til-csv-dir wsinfer-til/model-outputs-csv --tumor-column prob_tumor --til-column prob_tils
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.common import RunSummary, add_logging_arg, parse_shard, select_shard, setup_logging
+from data_prep.hdf5io import decode_jpeg, is_complete_tile_store, update_store_atomic
+
+logger = logging.getLogger(__name__)
+
+STANDIN_SOURCE = ("stain-standin (NOT a classifier): within-slide rank of {what}; for demos "
+                  "only")
+# Ruifrok & Johnston stain vectors (rows: hematoxylin, eosin, DAB); columns of the inverse
+# give each stain's optical density from RGB optical density.
+_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
+
+
+class SlideFailure(RuntimeError):
+    """A slide whose probabilities cannot be computed; the message says why."""
+
+
+# ----------------------------------------------------------------------------- wsinfer CSVs
+def read_wsinfer_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(boxes (M, 4) minx/miny/width/height, probs (M,))`` from one wsinfer CSV."""
+    if not path.is_file():
+        raise SlideFailure(f"no wsinfer CSV: {path}")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        need = ["minx", "miny", "width", "height", column]
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SlideFailure(f"{path}: missing column(s) {missing}; columns are "
+                               f"{reader.fieldnames}")
+        rows = [[r[c] for c in need] for r in reader]
+    try:
+        data = np.array(rows, dtype=np.float64).reshape(-1, 5)
+    except ValueError as e:
+        raise SlideFailure(f"{path}: non-numeric value ({e})") from e
+    return data[:, :4], data[:, 4]
+
+
+def overlap_average(coords: np.ndarray, tile_l0: int, boxes: np.ndarray,
+                    probs: np.ndarray) -> np.ndarray:
+    """Per tile, the overlap-area-weighted mean of the patch probabilities; NaN if none."""
+    ok = np.isfinite(probs) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+    boxes, probs = boxes[ok], probs[ok]
+    out = np.full(len(coords), np.nan, dtype=np.float32)
+    if len(boxes) == 0:
+        return out
+    cell = float(max(boxes[:, 2].max(), boxes[:, 3].max()))
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (bx, by) in enumerate(np.floor(boxes[:, :2] / cell).astype(np.int64)):
+        buckets[(int(bx), int(by))].append(i)
+    for t, (x0, y0) in enumerate(coords.astype(np.float64)):
+        x1, y1 = x0 + tile_l0, y0 + tile_l0
+        # a patch starting more than one cell before the tile cannot reach it
+        cx = range(int(math.floor((x0 - cell) / cell)), int(math.floor(x1 / cell)) + 1)
+        cy = range(int(math.floor((y0 - cell) / cell)), int(math.floor(y1 / cell)) + 1)
+        idx = [i for bx in cx for by in cy for i in buckets.get((bx, by), ())]
+        if not idx:
+            continue
+        b = boxes[idx]
+        ox = np.clip(np.minimum(x1, b[:, 0] + b[:, 2]) - np.maximum(x0, b[:, 0]), 0, None)
+        oy = np.clip(np.minimum(y1, b[:, 1] + b[:, 3]) - np.maximum(y0, b[:, 1]), 0, None)
+        area = ox * oy
+        if area.sum() > 0:
+            out[t] = float((area * probs[idx]).sum() / area.sum())
+    return out
+
+
+# ------------------------------------------------------------------------ patch classifier
+@dataclass
+class ClassifierSpec:
+    """A patch classifier and the preprocessing it expects."""
+
+    path: str
+    kind: str = "torchscript"  # or "torchvision"
+    arch: str | None = None
+    num_classes: int = 2
+    input_size: int = 224
+    mpp: float | None = None  # expected microns per pixel; None: resize the tile to input_size
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    class_index: int = 1
+    activation: str = "softmax"  # or "sigmoid"
+    batch_size: int = 64
+
+    @classmethod
+    def from_arg(cls, value: str, defaults: dict) -> ClassifierSpec:
+        """A ``.json`` spec file (its keys override ``defaults``) or a model path."""
+        p = Path(value)
+        if p.suffix == ".json":
+            try:
+                spec = {**defaults, **json.loads(p.read_text(encoding="utf-8"))}
+            except (OSError, ValueError) as e:
+                raise ValueError(f"{p}: cannot read classifier spec ({e})") from e
+            model_path = Path(spec["path"])
+            spec["path"] = str(model_path if model_path.is_absolute() else p.parent / model_path)
+        else:
+            spec = {**defaults, "path": str(p)}
+        try:
+            return cls(**spec)
+        except TypeError as e:
+            raise ValueError(f"{value}: bad classifier spec ({e})") from e
+
+    def describe(self) -> str:
+        """Provenance string stored with the probabilities."""
+        kind = f"{self.kind}/{self.arch}" if self.arch else self.kind
+        return (f"classifier {Path(self.path).name} ({kind}, input {self.input_size}px at "
+                f"{self.mpp or 'tile'} um/px, "
+                f"class {self.class_index}, {self.activation})")
+
+
+def load_classifier(spec: ClassifierSpec, device: str):
+    """The classifier module in eval mode on ``device``."""
+    import torch
+
+    if not Path(spec.path).is_file():
+        raise FileNotFoundError(f"classifier file not found: {spec.path}")
+    if spec.kind == "torchscript":
+        model = torch.jit.load(spec.path, map_location=device)
+    elif spec.kind == "torchvision":
+        import torchvision
+
+        from ldm.util import load_checkpoint_into
+
+        if not spec.arch:
+            raise ValueError(f"{spec.path}: kind 'torchvision' needs 'arch' (e.g. resnet34)")
+        model = torchvision.models.get_model(spec.arch, weights=None,
+                                             num_classes=spec.num_classes)
+        load_checkpoint_into(model, spec.path, name=spec.arch)
+    else:
+        raise ValueError(f"unknown classifier kind {spec.kind!r} (torchscript or torchvision)")
+    return model.to(device).eval()
+
+
+def _crops(tile: np.ndarray, tile_mpp: float, spec: ClassifierSpec) -> list[np.ndarray]:
+    """The tile resampled to the classifier's spacing, cut into input-size crops covering it."""
+    from PIL import Image
+
+    size = spec.input_size
+    side = tile.shape[0] if spec.mpp is None else int(round(tile.shape[0] * tile_mpp / spec.mpp))
+    if side <= size:  # the tile is no bigger than the field of view: one crop, resized
+        return [np.asarray(Image.fromarray(tile).resize((size, size), Image.Resampling.BILINEAR))]
+    img = np.asarray(Image.fromarray(tile).resize((side, side), Image.Resampling.BILINEAR))
+    starts = np.round(np.linspace(0, side - size, math.ceil(side / size))).astype(int)
+    return [img[y:y + size, x:x + size] for y in starts for x in starts]
+
+
+def classify_tiles(model, spec: ClassifierSpec, tiles: list[np.ndarray], tile_mpp: float,
+                   device: str) -> np.ndarray:
+    """Probability of ``spec.class_index`` per tile (mean over the tile's crops)."""
+    import torch
+
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+    crops, owner = [], []
+    for t, tile in enumerate(tiles):
+        cs = _crops(tile, tile_mpp, spec)
+        crops += cs
+        owner += [t] * len(cs)
+    probs = []
+    with torch.inference_mode():
+        for s in range(0, len(crops), spec.batch_size):
+            batch = torch.from_numpy(np.stack(crops[s:s + spec.batch_size])).to(device)
+            x = (batch.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+            logits = model(x)
+            p = (torch.softmax(logits, dim=1) if spec.activation == "softmax"
+                 else torch.sigmoid(logits))
+            probs.append(p[:, spec.class_index].float().cpu().numpy())
+    flat = np.concatenate(probs) if probs else np.zeros(0)
+    sums = np.bincount(owner, weights=flat, minlength=len(tiles))
+    counts = np.bincount(owner, minlength=len(tiles))
+    return (sums / np.maximum(counts, 1)).astype(np.float32)
+
+
+# -------------------------------------------------------------------------- stain stand-in
+def hematoxylin_od(tile: np.ndarray) -> np.ndarray:
+    """Hematoxylin optical density per pixel (colour deconvolution, Ruifrok & Johnston)."""
+    od = -np.log(np.maximum(tile.astype(np.float64), 1.0) / 255.0)
+    return od @ _HED_FROM_RGB[:, 0]
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks scaled into (0, 1), ties sharing their average rank."""
+    from scipy.stats import rankdata
+
+    return ((rankdata(values, method="average") - 0.5) / max(len(values), 1)).astype(np.float32)
+
+
+def stain_standin(tiles: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Demo stand-in ``(tumor, til)``: within-slide ranks of hematoxylin statistics."""
+    mean_h, contrast_h = [], []
+    for tile in tiles:
+        h = hematoxylin_od(tile)
+        p50, p99 = np.percentile(h, [50, 99])
+        mean_h.append(h.mean())
+        contrast_h.append(p99 - p50)  # small dark nuclei on a lighter background
+    return _ranks(np.array(mean_h)), _ranks(np.array(contrast_h))
+
+
+# ------------------------------------------------------------------------------ the command
+@dataclass
+class Source:
+    """Where one target's (``tumor`` or ``til``) probabilities come from."""
+
+    target: str
+    kind: str  # "csv", "classifier" or "standin"
+    csv_dir: Path | None = None
+    column: str | None = None
+    spec: ClassifierSpec | None = None
+
+    def describe(self) -> str:
+        """Provenance stored as the ``<target>_source`` attribute."""
+        if self.kind == "csv":
+            return (f"wsinfer CSV column {self.column} from {self.csv_dir.name}/ "
+                    "(overlap-area weighted mean)")
+        if self.kind == "classifier":
+            return self.spec.describe()
+        what = ("mean hematoxylin optical density" if self.target == "tumor"
+                else "hematoxylin contrast (99th minus 50th percentile optical density)")
+        return STANDIN_SOURCE.format(what=what)
+
+
+def _tile_mpp(attrs: dict) -> float:
+    mpp = float(attrs.get("mpp", math.nan))
+    if not math.isfinite(mpp):  # unknown spacing: the 10x = 1 um/px convention
+        return 10.0 / float(attrs["magnification"])
+    return mpp * float(attrs["level0_tile_size"]) / float(attrs["tile_size"])
+
+
+def _decoded(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+    """Decoded tiles ``start:stop`` of a store, one at a time (slides can be large)."""
+    for i in range(start, len(ds) if stop is None else min(stop, len(ds))):
+        yield decode_jpeg(ds[i])
+
+
+def _probabilities(src: Source, sid: str, f: h5py.File, models: dict, device: str,
+                   standin: dict, chunk: int = 512) -> np.ndarray:
+    attrs = dict(f.attrs)
+    if src.kind == "csv":
+        boxes, probs = read_wsinfer_csv(src.csv_dir / f"{sid}.csv", src.column)
+        return overlap_average(f["coords"][:], int(attrs["level0_tile_size"]), boxes, probs)
+    if src.kind == "classifier":
+        ds = f["tiles"]
+        parts = [classify_tiles(models[src.target], src.spec, list(_decoded(ds, s, s + chunk)),
+                                _tile_mpp(attrs), device) for s in range(0, len(ds), chunk)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    if not standin:
+        standin["tumor"], standin["til"] = stain_standin(_decoded(f["tiles"]))
+    return standin[src.target]
+
+
+def process_slide(store: Path, sources: list[Source], models: dict, device: str = "cpu",
+                  overwrite: bool = False) -> dict:
+    """Compute and store the probabilities of one slide; returns a result record."""
+    with h5py.File(store, "r") as f:
+        sid = str(f.attrs.get("slide_id", store.stem))
+        todo = [s for s in sources if overwrite or f"{s.target}_prob" not in f
+                or f.attrs.get(f"{s.target}_source") != s.describe()]
+        if not todo:
+            return {"slide_id": sid, "status": "skipped"}
+        datasets, attrs, standin = {}, {}, {}
+        for src in todo:
+            vals = np.asarray(_probabilities(src, sid, f, models, device, standin),
+                              dtype=np.float32)
+            finite = vals[np.isfinite(vals)]
+            if finite.size and (finite.min() < 0 or finite.max() > 1):
+                raise SlideFailure(f"{src.describe()}: values outside [0, 1] "
+                                   f"({finite.min():g}..{finite.max():g})")
+            datasets[f"{src.target}_prob"] = vals
+            attrs[f"{src.target}_source"] = src.describe()
+    update_store_atomic(store, datasets, attrs)
+    n_nan = {k: int(np.isnan(v).sum()) for k, v in datasets.items()}
+    return {"slide_id": sid, "status": "done", "nan": n_nan, "tiles": len(next(iter(
+        datasets.values())))}
+
+
+def build_sources(args: argparse.Namespace) -> list[Source]:
+    """One source per target from the flags; a clear error when ambiguous or missing."""
+    sources = []
+    for target in ("tumor", "til"):
+        csv_dir = getattr(args, f"{target}_csv_dir")
+        clf = getattr(args, f"{target}_classifier")
+        if csv_dir and clf:
+            raise ValueError(f"give either --{target}-csv-dir or --{target}-classifier, not both")
+        if csv_dir:
+            sources.append(Source(target, "csv", csv_dir=csv_dir,
+                                  column=getattr(args, f"{target}_column")))
+        elif clf:
+            defaults = {"kind": args.classifier_kind, "arch": args.arch,
+                        "num_classes": args.num_classes, "input_size": args.input_size,
+                        "mpp": args.classifier_mpp, "mean": args.mean, "std": args.std,
+                        "class_index": getattr(args, f"{target}_class_index"),
+                        "activation": args.activation, "batch_size": args.batch_size}
+            sources.append(Source(target, "classifier", spec=ClassifierSpec.from_arg(clf,
+                                                                                   defaults)))
+        elif args.stain_standin:
+            sources.append(Source(target, "standin"))
+    if not sources:
+        raise ValueError("no probability source: give --tumor-csv-dir/--til-csv-dir, "
+                         "--tumor-classifier/--til-classifier, or --stain-standin")
+    return sources
+
+
+def run(stores: list[Path], sources: list[Source], device: str = "cpu",
+        overwrite: bool = False) -> RunSummary:
+    """Add probabilities to every store; returns the run summary."""
+    models = {s.target: load_classifier(s.spec, device) for s in sources if s.kind == "classifier"}
+    for s in sources:
+        logger.info("%s probabilities: %s", s.target, s.describe())
+        if s.kind == "standin":
+            logger.warning("%s probabilities come from the stain STAND-IN, not a classifier",
+                           s.target)
+    summary = RunSummary("tumor_til")
+    nan_tiles, total = 0, 0
+    for store in tqdm(stores, desc="slides", unit="slide"):
+        try:
+            res = process_slide(store, sources, models, device, overwrite)
+        except (SlideFailure, OSError, KeyError, ValueError) as e:
+            summary.failed[store.stem] = f"{store.name}: {e}"
+            continue
+        if res["status"] == "skipped":
+            summary.skipped.append(res["slide_id"])
+            continue
+        summary.done.append(res["slide_id"])
+        total += res["tiles"]
+        nan_tiles += max(res["nan"].values())
+    summary.extra["tiles updated"] = total
+    summary.extra["tiles without a probability (NaN, no overlapping patch)"] = nan_tiles
+    summary.extra["sources"] = "; ".join(f"{s.target}: {s.describe()}" for s in sources)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(prog="python -m data_prep.tumor_til", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiles", type=Path, required=True, help="folder of per-slide tile stores")
+    for t, col in (("tumor", "prob_tumor"), ("til", "prob_tils")):
+        p.add_argument(f"--{t}-csv-dir", type=Path, help=f"wsinfer CSVs for {t} (<slide_id>.csv)")
+        p.add_argument(f"--{t}-column", default=col, help=f"{t} column (default: %(default)s)")
+        p.add_argument(f"--{t}-classifier", help=f"{t} classifier: TorchScript/state_dict file "
+                                                 "or a JSON spec")
+        p.add_argument(f"--{t}-class-index", type=int, default=1,
+                       help=f"output index of the {t}-positive class (default: %(default)s)")
+    p.add_argument("--classifier-kind", choices=["torchscript", "torchvision"],
+                   default="torchscript", help="model file type (default: %(default)s)")
+    p.add_argument("--arch", help="torchvision architecture for --classifier-kind torchvision")
+    p.add_argument("--num-classes", type=int, default=2, help="classifier outputs")
+    p.add_argument("--input-size", type=int, default=224, help="classifier input side (px)")
+    p.add_argument("--classifier-mpp", type=float, default=None,
+                   help="um/px the classifier expects (default: feed the whole tile resized)")
+    p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
+    p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
+    p.add_argument("--activation", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="torch device of the classifier")
+    p.add_argument("--stain-standin", action="store_true",
+                   help="demo only: fill targets without another source from the labelled "
+                        "stain stand-in (not a classifier)")
+    p.add_argument("--overwrite", action="store_true", help="recompute existing probabilities")
+    p.add_argument("--shard", default=None, help="process shard i of n ('i/n', 0-based)")
+    add_logging_arg(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        sources = build_sources(args)
+        shard = parse_shard(args.shard)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+    if not args.tiles.is_dir():
+        raise SystemExit(f"error: --tiles {args.tiles} is not a directory")
+    stores = sorted(p for p in args.tiles.glob("*.h5") if is_complete_tile_store(p))
+    stores = select_shard(stores, shard)
+    if not stores:
+        raise SystemExit(f"error: no tile stores in {args.tiles}")
+    try:
+        summary = run(stores, sources, args.device, args.overwrite)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from e
+    return summary.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
