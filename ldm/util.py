@@ -82,7 +82,7 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a ``.ckpt``/``.pt``/``.pth`` (Lightning or plain) or ``.safetensors``."""
+    """Read a state_dict from a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")

@@ -43,8 +43,9 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     """Every test starts from the same RNG state."""
     torch.manual_seed(0)
-    import numpy as np
     import random
+
+    import numpy as np
 
     np.random.seed(0)
     random.seed(0)

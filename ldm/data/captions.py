@@ -39,7 +39,7 @@ def build_caption(tumor_prob: float, til_prob: float, summary: str, n_levels: in
 
 
 def class_label(tumor_prob: float, til_prob: float) -> int:
-    """Class of the class-conditional baseline: 0 low/low, 1 low/high TIL, 2 high/low, 3 high/high."""
+    """Baseline class: 0 low/low, 1 low tumor/high TIL, 2 high/low, 3 high/high."""
     return 2 * prob_to_level(tumor_prob, 2) + prob_to_level(til_prob, 2)
 
 
