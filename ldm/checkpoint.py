@@ -1,0 +1,268 @@
+"""Load trained models from a checkpoint, a run directory or an explicit config.
+
+A checkpoint written by ``main.py`` embeds its resolved config under ``checkpoint["config"]``;
+a run directory ``logs/<run>/`` has ``checkpoints/last.ckpt`` and ``configs/*-project.yaml``;
+released CompVis/PathLDM checkpoints need an explicit config.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ldm.util import instantiate_from_config, load_checkpoint_into
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = ("auto", "ema", "raw")
+EMA_PREFIX = "model_ema."
+EMA_BOOKKEEPING = ("decay", "num_updates")
+# PathLDM's track_fid built an Inception inside the model; old transformers saved position_ids.
+IGNORED_PREFIXES = ("inception.",)
+IGNORED_SUFFIXES = ("embeddings.position_ids",)
+
+ConfigSource = str | Path | Mapping | Sequence[str | Path] | None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A loaded model with where it came from and which weights it carries."""
+
+    model: torch.nn.Module
+    checkpoint_path: Path
+    config: dict[str, Any]
+    weights: str
+    global_step: int | None = None
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The whole checkpoint dict (``state_dict``, ``config``, ...) of a ``.ckpt``/``.pt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # Lightning/CompVis checkpoints may pickle non-tensor objects
+        logger.warning("%s: not loadable with weights_only=True; loading it as a full pickle "
+                       "(only do this for checkpoints you trust)", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    obj = dict(obj)
+    if "state_dict" not in obj:  # a bare state_dict
+        obj = {"state_dict": obj}
+    return obj
+
+
+def read_safetensors(path: str | Path) -> dict[str, Any]:
+    """A safetensors export as a checkpoint dict; its ``config`` metadata (JSON) is restored."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    ckpt: dict[str, Any] = {"state_dict": load_file(str(path))}
+    if metadata.get("config"):
+        ckpt["config"] = json.loads(metadata["config"])
+    if metadata.get("global_step"):
+        ckpt["global_step"] = int(metadata["global_step"])
+    return ckpt
+
+
+def write_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | Path,
+                      config: Mapping | None = None, **metadata: Any) -> None:
+    """Save tensors (contiguous copies, no shared storage) with the config as JSON metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {k: str(v) for k, v in metadata.items() if v is not None}
+    if config is not None:
+        meta["config"] = json.dumps(config)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def resolve_checkpoint(path_or_rundir: str | Path) -> Path:
+    """The checkpoint file of a path: itself, or ``checkpoints/last.ckpt`` of a run directory."""
+    path = Path(path_or_rundir)
+    if path.is_file():
+        return path
+    if path.is_dir():
+        ckpt_dir = path / "checkpoints"
+        last = ckpt_dir / "last.ckpt"
+        if last.is_file():
+            return last
+        ckpts = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if ckpts:
+            logger.info("%s has no last.ckpt; using the newest checkpoint %s", path, ckpts[-1])
+            return ckpts[-1]
+        raise FileNotFoundError(f"run directory {path} has no checkpoints/*.ckpt")
+    raise FileNotFoundError(f"checkpoint or run directory not found: {path}")
+
+
+def run_dir_configs(ckpt_path: Path) -> list[Path]:
+    """``configs/*-project.yaml`` of the run a checkpoint belongs to (oldest first)."""
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    return sorted((run / "configs").glob("*-project.yaml"))
+
+
+def load_config(source: ConfigSource) -> dict[str, Any]:
+    """A config as plain data from a mapping, a YAML file or several merged in order."""
+    from omegaconf import OmegaConf
+
+    if isinstance(source, Mapping):
+        return OmegaConf.to_container(OmegaConf.create(dict(source)), resolve=True)
+    paths = [source] if isinstance(source, (str, Path)) else list(source or [])
+    if not paths:
+        raise ValueError("no config given")
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"config not found: {p}")
+    merged = OmegaConf.merge(*[OmegaConf.load(p) for p in paths])
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``model`` section of a full config (or the config itself if it has a ``target``)."""
+    if "model" in config and isinstance(config["model"], Mapping):
+        return dict(config["model"])
+    if "target" in config:
+        return dict(config)
+    raise KeyError(f"config has neither a 'model' section nor a 'target' (keys: {list(config)})")
+
+
+def strip_init_checkpoints(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy of a model config without ``ckpt_path`` entries: the full checkpoint replaces them."""
+    cfg = copy.deepcopy(dict(cfg))
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, dict):
+            if node.get("ckpt_path"):
+                logger.info("not loading %s.ckpt_path=%s (weights come from the checkpoint)",
+                            where, node["ckpt_path"])
+            node.pop("ckpt_path", None)
+            for k, v in node.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{where}[{i}]")
+
+    walk(cfg, "model")
+    return cfg
+
+
+def split_ema(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``(weights without model_ema.*, EMA shadow params keyed by dot-less name)``."""
+    main = {k: v for k, v in state_dict.items() if not k.startswith(EMA_PREFIX)}
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state_dict.items() if k.startswith(EMA_PREFIX)
+           and k[len(EMA_PREFIX):] not in EMA_BOOKKEEPING}
+    return main, ema
+
+
+def ema_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State dict with the EMA weights in place of ``model.*`` and no ``model_ema.*`` keys.
+
+    LitEma names a shadow param ``model_ema.<name without dots>`` after the parameter of
+    ``model`` (the DiffusionWrapper) it tracks; params it does not track stay as they are.
+    """
+    main, ema = split_ema(state_dict)
+    if not ema:
+        raise KeyError("no EMA weights (no model_ema.* keys)")
+    out = dict(main)
+    used = set()
+    for key in main:
+        if not key.startswith("model."):
+            continue
+        short = key[len("model."):].replace(".", "")
+        if short in ema:
+            out[key] = ema[short].to(main[key].dtype)
+            used.add(short)
+    if not used:
+        raise KeyError("model_ema.* keys do not match any model.* parameter")
+    unused = sorted(set(ema) - used)
+    if unused:
+        logger.warning("%d EMA entries match no model.* parameter (first: %s)", len(unused),
+                       unused[:5])
+    logger.info("using EMA weights for %d of %d model.* tensors", len(used),
+                sum(k.startswith("model.") for k in main))
+    return out
+
+
+def _ignored_keys(sd: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
+    return [k for k in sd if k not in own
+            and (k.startswith(IGNORED_PREFIXES) or k.endswith(IGNORED_SUFFIXES))]
+
+
+def find_config(ckpt: Mapping[str, Any], ckpt_path: Path, config: ConfigSource) -> dict:
+    """The explicit config, else the checkpoint's embedded one, else its run directory's."""
+    if config is not None:
+        return load_config(config)
+    if isinstance(ckpt.get("config"), Mapping):
+        return load_config(ckpt["config"])
+    found = run_dir_configs(ckpt_path)
+    if found:
+        logger.info("config from %s", found[-1])
+        return load_config(found[-1])
+    raise ValueError(f"{ckpt_path} has no embedded config and no run-directory "
+                     "configs/*-project.yaml; pass a config (--config model.yaml)")
+
+
+def load_model(path_or_rundir: str | Path, config: ConfigSource = None, weights: str = "auto",
+               map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Instantiate the model of a checkpoint/run directory and load its weights (eval mode).
+
+    ``weights``: ``"ema"`` requires EMA weights, ``"raw"`` ignores them, ``"auto"`` uses them
+    when present. Keys of PathLDM's in-model Inception and stale ``position_ids`` are reported
+    and ignored; any other mismatch raises.
+    """
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    ckpt_path = resolve_checkpoint(path_or_rundir)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = find_config(ckpt, ckpt_path, config)
+    model = instantiate_from_config(strip_init_checkpoints(model_config(cfg)))
+    sd = dict(ckpt["state_dict"])
+    has_ema = any(k.startswith(EMA_PREFIX) for k in sd)
+    if weights == "ema" and not has_ema:
+        raise KeyError(f"{ckpt_path} has no EMA weights (no model_ema.* keys); "
+                       "use --weights raw (or auto)")
+    use_ema = has_ema and weights != "raw"
+    own = model.state_dict()
+    if use_ema:
+        sd = {**sd, **{k: v for k, v in ema_state_dict(sd).items() if k.startswith("model.")}}
+    ignored = _ignored_keys(sd, own)
+    if ignored:
+        groups = sorted({k.split(".")[0] if k.startswith(IGNORED_PREFIXES) else k for k in ignored})
+        logger.info("ignoring %d checkpoint keys the model does not use: %s", len(ignored), groups)
+    ema_keys = [k for k in sd if k.startswith(EMA_PREFIX) and k not in own]
+    missing_ema_only = all(k.startswith(EMA_PREFIX) for k in own if k not in sd)
+    load_checkpoint_into(model, sd, ignore_keys=ignored + ema_keys,
+                         allow_missing=missing_ema_only, name=type(model).__name__)
+    if not use_ema and getattr(model, "use_ema", False):
+        # model.model holds the raw weights; keep ema_scope() from swapping in other weights
+        # (model_ema is either absent from the checkpoint or not wanted).
+        model.use_ema = False
+    model.eval().to(map_location)
+    used = "ema" if use_ema else "raw"
+    logger.info("loaded %s (%s weights, global step %s)", ckpt_path, used, ckpt.get("global_step"))
+    return LoadedCheckpoint(model=model, checkpoint_path=ckpt_path, config=cfg, weights=used,
+                            global_step=ckpt.get("global_step"), ignored_keys=ignored)
+
+
+def load_model_from_checkpoint(path_or_rundir: str | Path, config: ConfigSource = None,
+                               weights: str = "auto",
+                               map_location: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of a checkpoint or run directory, in eval mode (see :func:`load_model`)."""
+    return load_model(path_or_rundir, config=config, weights=weights,
+                      map_location=map_location).model

@@ -1,0 +1,1 @@
+"""Evaluation helpers: image sources, Inception features (FID/KID), sampling, reconstruction."""

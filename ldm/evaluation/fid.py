@@ -1,0 +1,235 @@
+"""FID and KID with pytorch-fid's InceptionV3: weights, features, statistics, distances."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.functional import adaptive_avg_pool2d
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
+DIMS = (64, 192, 768, 2048)
+
+
+class InceptionWeightsNotFound(FileNotFoundError):
+    """The FID Inception weights are neither given, cached nor downloadable."""
+
+
+def default_inception_weights_path() -> Path:
+    """Where pytorch-fid's download lands: ``$TORCH_HOME/hub/checkpoints/<FID_WEIGHTS_FILE>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
+
+
+def _missing_weights_message(path: Path, reason: str) -> str:
+    from pytorch_fid.inception import FID_WEIGHTS_URL
+
+    return (f"FID Inception weights not available ({reason}).\n"
+            f"  needed file: {FID_WEIGHTS_FILE} (pytorch-fid's port of TF Inception 2015-12-05)\n"
+            f"  looked at:   {path}\n"
+            f"  fix: on a machine with internet run\n"
+            f"         wget {FID_WEIGHTS_URL}\n"
+            f"       then copy the file to {default_inception_weights_path()} "
+            f"(or set TORCH_HOME), or pass --inception-weights /path/to/{FID_WEIGHTS_FILE}")
+
+
+def resolve_inception_state_dict(weights: str | Path | None = None,
+                                 allow_download: bool = True) -> dict[str, torch.Tensor]:
+    """FID Inception weights: ``weights`` file, else the torch hub cache, else download."""
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise InceptionWeightsNotFound(_missing_weights_message(path, "file does not exist"))
+    else:
+        path = default_inception_weights_path()
+        if not path.is_file():
+            if not allow_download:
+                raise InceptionWeightsNotFound(_missing_weights_message(path, "not in cache"))
+            from pytorch_fid.inception import FID_WEIGHTS_URL
+
+            try:
+                logger.info("downloading FID Inception weights to %s", path)
+                return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True,
+                                                          map_location="cpu")
+            except Exception as e:  # offline, proxy, partial file: all get the same advice
+                raise InceptionWeightsNotFound(
+                    _missing_weights_message(path, f"download failed: {e}")) from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable Inception state_dict: {e}") from e
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state_dict (mapping of tensors), got {type(sd)}")
+    return dict(sd)
+
+
+@contextmanager
+def _inception_weights(state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Let pytorch-fid build its own network but take weights from ``state_dict``.
+
+    pytorch-fid always fetches its weights by URL inside ``fid_inception_v3``; swapping that
+    loader for the duration of the constructor keeps the architecture exactly pytorch-fid's.
+    """
+    import pytorch_fid.inception as pfi
+
+    original = pfi.load_state_dict_from_url
+    pfi.load_state_dict_from_url = lambda *args, **kwargs: dict(state_dict)
+    try:
+        yield
+    finally:
+        pfi.load_state_dict_from_url = original
+
+
+def load_inception(dims: int = 2048, weights: str | Path | None = None,
+                   allow_download: bool = True,
+                   device: torch.device | str | None = None) -> torch.nn.Module:
+    """pytorch-fid's ``InceptionV3`` returning the block for ``dims`` features, in eval mode."""
+    from pytorch_fid.inception import InceptionV3
+
+    if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+        choices = sorted(InceptionV3.BLOCK_INDEX_BY_DIM)
+        raise ValueError(f"dims must be one of {choices}, got {dims}")
+    sd = resolve_inception_state_dict(weights, allow_download=allow_download)
+    try:
+        with _inception_weights(sd):
+            model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
+    except RuntimeError as e:
+        raise ValueError(f"Inception weights {weights or default_inception_weights_path()} do "
+                         f"not fit pytorch-fid's FID Inception: {e}") from e
+    return model.eval().to(device or "cpu")
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, dataset: Dataset, batch_size: int = 50,
+                     num_workers: int = 0, desc: str = "inception features") -> np.ndarray:
+    """Inception features ``(N, dims)`` (float64) of images given as [0, 1] ``(3, H, W)`` tensors.
+
+    Same computation as pytorch-fid's ``get_activations``: spatial average pooling for the
+    non-2048 blocks. Runs on the model's device.
+    """
+    if len(dataset) == 0:
+        raise ValueError("no images to extract features from")
+    device = next(model.parameters()).device
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=False,
+                        num_workers=num_workers)
+    chunks = []
+    for batch in tqdm(loader, desc=desc, unit="batch"):
+        if isinstance(batch, (list, tuple)):  # (image, label) datasets
+            batch = batch[0]
+        pred = model(batch.to(device))[0]
+        if pred.shape[2] != 1 or pred.shape[3] != 1:
+            pred = adaptive_avg_pool2d(pred, output_size=(1, 1))
+        chunks.append(pred.squeeze(3).squeeze(2).cpu().numpy().astype(np.float64))
+    return np.concatenate(chunks, axis=0)
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of features, as pytorch-fid computes them."""
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"need at least 2 feature vectors (N, D), got shape {features.shape}")
+    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
+                     sigma2: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between two Gaussians, computed exactly as pytorch-fid does.
+
+    ``||mu1 - mu2||² + Tr(S1 + S2 - 2 sqrt(S1 S2))``; a non-finite matrix square root is
+    retried with ``eps`` added to both diagonals, and a negligible imaginary part is dropped.
+    (pytorch-fid's own function passes an argument SciPy deprecates, hence this copy.)
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {sigma1.shape} vs {sigma2.shape} (different --dims?)")
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        logger.warning("FID: singular covariance product; adding %g to the diagonals", eps)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the "
+                             "covariance square root (too few samples for --dims?)")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
+        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance: mean and std over subsets of the unbiased MMD².
+
+    Polynomial kernel ``k(x, y) = (x·y / d + 1)^3`` (Bińkowski et al. 2018); each subset draws
+    ``m = min(subset_size, n1, n2)`` rows without replacement from each set.
+    """
+    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError(f"feature shapes do not match: {f1.shape} vs {f2.shape}")
+    m = min(subset_size, len(f1), len(f2))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
+    d = f1.shape[1]
+    rng = np.random.default_rng(seed)
+    values = np.empty(num_subsets)
+    for s in range(num_subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values[s] = within - 2 * kxy.sum() / (m * m)
+    return float(values.mean()), float(values.std())
+
+
+def features_path(stats_path: str | Path) -> Path:
+    """Sidecar file with the raw features next to a statistics npz (used for KID)."""
+    stats_path = Path(stats_path)
+    stem = stats_path.name[:-4] if stats_path.name.endswith(".npz") else stats_path.name
+    return stats_path.with_name(f"{stem}.features.npy")
+
+
+def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray,
+                    features: np.ndarray | None = None) -> Path:
+    """Write ``mu``/``sigma`` exactly as pytorch-fid's ``--save-stats`` (atomically).
+
+    Raw features, when given, go to a sidecar ``<name>.features.npy`` for KID.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise ValueError(f"statistics file must end in .npz (pytorch-fid format): {path}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez_compressed(tmp, mu=mu, sigma=sigma)
+    os.replace(tmp, path)
+    if features is not None:
+        fpath = features_path(path)
+        ftmp = fpath.with_name(f".{fpath.stem}.{os.getpid()}.tmp.npy")
+        np.save(ftmp, features)
+        os.replace(ftmp, fpath)
+    return path
+
+
+def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(mu, sigma, features or None)`` of a pytorch-fid npz (and its features sidecar)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    with np.load(path) as f:
+        missing = [k for k in ("mu", "sigma") if k not in f]
+        if missing:
+            raise KeyError(f"{path}: missing {missing} (expected pytorch-fid npz with mu, sigma)")
+        mu, sigma = f["mu"][:], f["sigma"][:]
+    fpath = features_path(path)
+    features = np.load(fpath) if fpath.is_file() else None
+    return mu, sigma, features

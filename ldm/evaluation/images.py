@@ -1,0 +1,250 @@
+"""Image sources for evaluation (split stores and image folders) and atomic image/JSON writes."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+# The extensions pytorch-fid reads from a folder, so a folder yields the same files to both.
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")
+STORE_SUFFIXES = (".h5", ".hdf5")
+PilTransform = Callable[[Image.Image], Image.Image]
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Images directly inside ``folder``, selected and ordered as pytorch-fid does."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    return sorted(f for ext in IMAGE_EXTENSIONS for f in folder.glob(f"*.{ext}"))
+
+
+def is_store(path: str | Path) -> bool:
+    """True for an HDF5 split store path (``.h5``/``.hdf5`` file)."""
+    path = Path(path)
+    return path.suffix.lower() in STORE_SUFFIXES and path.is_file()
+
+
+class SplitStore:
+    """Read-only view of a split store (docs/data_format.md §3).
+
+    The HDF5 handle is opened lazily and re-opened in each process, so the object can be handed
+    to DataLoader workers.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"split store not found: {self.path}")
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        try:
+            with h5py.File(self.path, "r") as f:
+                if "images" not in f:
+                    raise KeyError(f"{self.path}: no 'images' dataset (not a split store?)")
+                self._length = len(f["images"])
+                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        except OSError as e:
+            raise OSError(f"{self.path}: cannot read as HDF5: {e}") from e
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _file(self) -> h5py.File:
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+        return self._h5
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_h5"], state["_pid"] = None, None
+        return state
+
+    def close(self) -> None:
+        """Close the HDF5 handle of this process."""
+        if self._h5 is not None:
+            self._h5.close()
+            self._h5 = None
+
+    def image(self, index: int) -> Image.Image:
+        """Decode tile ``index`` as an RGB PIL image."""
+        data = self._file()["images"][int(index)]
+        try:
+            return Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"{self.path}: images[{index}] is not a decodable image: {e}") from e
+
+    def array(self, name: str) -> np.ndarray:
+        """A whole dataset (e.g. ``tumor_prob``) as a numpy array; strings decoded as utf-8."""
+        f = self._file()
+        if name not in f:
+            raise KeyError(f"{self.path}: missing dataset {name!r}")
+        ds = f[name]
+        if h5py.check_string_dtype(ds.dtype) is not None:
+            return ds.asstr()[()]
+        return ds[()]
+
+    def slide_summaries(self) -> list[list[str]]:
+        """The real (non-padding) summaries of every slide."""
+        summaries = np.atleast_2d(self.array("summaries"))
+        counts = self.array("n_summaries")
+        return [[str(s) for s in summaries[i, : int(counts[i])]] for i in range(len(counts))]
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute value as a JSON-friendly Python value."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def pil_transform(center_crop: int | None = None, resize: int | None = None) -> PilTransform | None:
+    """Optional centre crop then bicubic resize to a square, applied before feature extraction."""
+    if center_crop is None and resize is None:
+        return None
+
+    def apply(img: Image.Image) -> Image.Image:
+        if center_crop is not None:
+            w, h = img.size
+            if center_crop > min(w, h):
+                raise ValueError(f"centre crop {center_crop} is larger than the image ({w}x{h})")
+            left, top = (w - center_crop) // 2, (h - center_crop) // 2
+            img = img.crop((left, top, left + center_crop, top + center_crop))
+        if resize is not None and img.size != (resize, resize):
+            img = img.resize((resize, resize), Image.BICUBIC)
+        return img
+
+    return apply
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image to a float ``(3, H, W)`` tensor in [0, 1] (as torchvision's ToTensor)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(255)
+
+
+class ImageDataset(Dataset):
+    """Images of a folder (list of files) or of a split store (row indices), as [0, 1] tensors.
+
+    Items are ``(3, H, W)`` float tensors, or ``(tensor, label)`` when ``labels`` are given.
+    """
+
+    def __init__(self, source: SplitStore | Sequence[str | Path],
+                 indices: Sequence[int] | None = None, transform: PilTransform | None = None,
+                 labels: Sequence[int] | None = None) -> None:
+        self.source = source
+        if isinstance(source, SplitStore):
+            self.items: Sequence[Any] = (np.arange(len(source)) if indices is None
+                                         else np.asarray(indices, dtype=np.int64))
+        else:
+            files = [Path(p) for p in source]
+            self.items = files if indices is None else [files[i] for i in indices]
+        if labels is not None and len(labels) != len(self.items):
+            raise ValueError(f"{len(labels)} labels for {len(self.items)} images")
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> Image.Image:
+        """The i-th image as RGB PIL image, before the transform."""
+        item = self.items[i]
+        if isinstance(self.source, SplitStore):
+            return self.source.image(int(item))
+        try:
+            return Image.open(item).convert("RGB")
+        except Exception as e:
+            raise ValueError(f"cannot read image {item}: {e}") from e
+
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
+        img = self.load(i)
+        if self.transform is not None:
+            img = self.transform(img)
+        x = pil_to_tensor(img)
+        return x if self.labels is None else (x, int(self.labels[i]))
+
+
+def open_images(path: str | Path, n: int | None = None, seed: int = 0,
+                transform: PilTransform | None = None) -> ImageDataset:
+    """Images of a split store or a folder; ``n`` draws a seeded random subset (kept in order)."""
+    path = Path(path)
+    if is_store(path):
+        source: SplitStore | list[Path] = SplitStore(path)
+    elif path.is_dir():
+        source = list_image_files(path)
+    else:
+        raise FileNotFoundError(f"{path}: neither an image folder nor a split store (.h5)")
+    total = len(source)
+    if total == 0:
+        raise ValueError(f"{path}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    indices = None
+    if n is not None and n < total:
+        rng = np.random.default_rng(seed)
+        indices = np.sort(rng.choice(total, size=n, replace=False))
+    elif n is not None and n > total:
+        logger.warning("%s has %d images, fewer than the %d requested; using all", path, total, n)
+    return ImageDataset(source, indices=indices, transform=transform)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1], ``(B, 3, H, W)``, to uint8 ``(B, H, W, 3)`` (rounded)."""
+    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round()
+    return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def save_png(image: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 ``(H, W, 3)`` image as PNG atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically."""
+    write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """Write a text file atomically."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def make_grid(images: Sequence[np.ndarray], nrow: int, pad: int = 2) -> np.ndarray:
+    """Tile uint8 ``(H, W, 3)`` images row-major, ``pad`` white pixels apart."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    h, w, _ = images[0].shape
+    nrow = max(1, min(nrow, len(images)))
+    rows = (len(images) + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for k, img in enumerate(images):
+        r, c = divmod(k, nrow)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid

@@ -1,0 +1,193 @@
+"""DDIM sampling with classifier-free guidance and per-image seeds, shared by the scripts."""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldm.data.captions import (
+    caption_from_levels,
+    class_label_from_levels,
+    level_name,
+    prob_to_level,
+)
+from ldm.evaluation.images import SplitStore, to_uint8
+
+logger = logging.getLogger(__name__)
+
+_LEVELS_RE = re.compile(r"^\s*(low|high) tumor;\s*(low|high) til;", re.IGNORECASE)
+
+
+def image_seed(seed: int, index: int) -> int:
+    """Seed of image ``index`` of a run seeded with ``seed``; independent of batching."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def initial_noise(seeds: Sequence[int], shape: Sequence[int],
+                  device: torch.device | str) -> torch.Tensor:
+    """``x_T`` with one CPU generator per image, so a seed gives the same noise on any device."""
+    noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+             for s in seeds]
+    return torch.stack(noise).to(device)
+
+
+def levels_from_caption(caption: str) -> tuple[str, str] | None:
+    """``(tumor, til)`` level names of a training-format caption, or None."""
+    m = _LEVELS_RE.match(caption)
+    return (m.group(1).lower(), m.group(2).lower()) if m else None
+
+
+def conditioning_kind(model: Any) -> str:
+    """``"text"``, ``"class"`` or ``"none"`` (unconditional) for a LatentDiffusion model."""
+    stage = getattr(model, "cond_stage_model", None)
+    if stage is None:
+        return "none"
+    from ldm.modules.encoders.modules import ClassEmbedder
+
+    return "class" if isinstance(stage, ClassEmbedder) else "text"
+
+
+def count_tokens(model: Any, prompt: str) -> int | None:
+    """Tokens of ``prompt`` including BOS and EOS for the model's text encoder (None if none)."""
+    stage = getattr(model, "cond_stage_model", None)
+    if callable(getattr(stage, "text_token_ids", None)):
+        return len(stage.text_token_ids([prompt])[0]) + 2
+    tokenizer = getattr(stage, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    return len(tokenizer(prompt)["input_ids"])
+
+
+def warn_long_prompts(model: Any, prompts: Sequence[str]) -> int:
+    """Log a warning for each distinct prompt longer than the encoder's context; returns count."""
+    max_length = int(getattr(getattr(model, "cond_stage_model", None), "max_length", 154))
+    too_long = 0
+    for prompt in dict.fromkeys(prompts):
+        n = count_tokens(model, prompt)
+        if n is not None and n > max_length:
+            too_long += 1
+            logger.warning("prompt has %d tokens, more than the %d the text encoder reads; the "
+                           "rest is truncated: %.80s...", n, max_length, prompt)
+    return too_long
+
+
+def raw_conditioning(model: Any, conds: Sequence[str | int]) -> Any:
+    """Input for ``model.get_learned_conditioning``: captions or a class-label batch."""
+    kind = conditioning_kind(model)
+    if kind == "text":
+        return [str(c) for c in conds]
+    if kind == "class":
+        stage = model.cond_stage_model
+        labels = torch.as_tensor([int(c) for c in conds], dtype=torch.long, device=model.device)
+        return {stage.key: labels}
+    return None
+
+
+def class_of(cond: str | int) -> int:
+    """Class label of a class-conditional model from a label or a training-format caption."""
+    if isinstance(cond, int):
+        return cond
+    levels = levels_from_caption(cond)
+    if levels is None:
+        raise ValueError(f"cannot derive a class label from {cond!r}; give --class-label or "
+                         "tumor/TIL levels")
+    return class_label_from_levels(*levels)
+
+
+@torch.no_grad()
+def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Sequence[int],
+                 steps: int = 50, scale: float = 1.75, eta: float = 0.0) -> np.ndarray:
+    """Generate one image per ``(cond, seed)`` with DDIM; uint8 ``(B, H, W, 3)``.
+
+    With ``eta = 0`` each image depends only on its seed; with ``eta > 0`` the sampler's extra
+    noise is seeded from the batch's first seed, so results then also depend on batching.
+    """
+    if len(conds) != len(seeds):
+        raise ValueError(f"{len(conds)} conditions for {len(seeds)} seeds")
+    b = len(seeds)
+    shape = (model.channels, model.image_size, model.image_size)
+    x_t = initial_noise(seeds, shape, model.device)
+    c = uc = None
+    raw = raw_conditioning(model, conds)
+    if raw is not None:
+        c = model.get_learned_conditioning(raw)
+        if scale != 1.0:
+            uc = model.get_unconditional_conditioning(b)
+    torch.manual_seed(int(seeds[0]))
+    samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
+                                unconditional_guidance_scale=scale,
+                                unconditional_conditioning=uc, x_T=x_t, verbose=False)
+    return to_uint8(model.decode_first_stage(samples))
+
+
+def make_sampler(model: Any) -> Any:
+    """A ``DDIMSampler`` for ``model``."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+
+    return DDIMSampler(model)
+
+
+def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: int,
+                       steps: int, scale: float, eta: float, desc: str = "sampling") -> int:
+    """Write one PNG per item (``{"path", "cond", "seed"}``), skipping existing files.
+
+    Returns how many images were generated; files appear atomically, so an interrupted run
+    resumes where it stopped.
+    """
+    from tqdm import tqdm
+
+    from ldm.evaluation.images import save_png
+
+    todo = [it for it in items if not Path(it["path"]).exists()]
+    if len(todo) < len(items):
+        logger.info("%d of %d images exist already; generating %d", len(items) - len(todo),
+                    len(items), len(todo))
+    if not todo:
+        return 0
+    sampler = make_sampler(model)
+    with tqdm(total=len(todo), desc=desc, unit="img") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            images = sample_batch(model, sampler, [it["cond"] for it in batch],
+                                  [it["seed"] for it in batch], steps=steps, scale=scale, eta=eta)
+            for it, img in zip(batch, images):
+                save_png(img, it["path"])
+            bar.update(len(batch))
+    return len(todo)
+
+
+def caption_plan(store: SplitStore, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Conditions of ``n`` samples drawn from a split store, one seeded draw per index.
+
+    Sample ``i`` picks a real patch (with known tumor/TIL probabilities) and one of its slide's
+    summaries, giving the training-format caption, the levels and the class label. The draw of
+    index ``i`` depends only on ``(seed, i)``, so plans of different ``n`` share their prefix.
+    """
+    tumor, til = store.array("tumor_prob"), store.array("til_prob")
+    slide_index = store.array("slide_index")
+    slides = store.array("slides")
+    summaries = store.slide_summaries()
+    valid = np.flatnonzero(np.isfinite(tumor) & np.isfinite(til)
+                           & np.array([len(summaries[s]) > 0 for s in slide_index], dtype=bool))
+    if len(valid) == 0:
+        raise ValueError(f"{store.path}: no patch has tumor/TIL probabilities and a summary")
+    plan = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        j = int(valid[rng.integers(len(valid))])
+        s = int(slide_index[j])
+        k = int(rng.integers(len(summaries[s])))
+        tumor_level = level_name(prob_to_level(tumor[j]))
+        til_level = level_name(prob_to_level(til[j]))
+        plan.append({"index": i, "caption": caption_from_levels(tumor_level, til_level,
+                                                                summaries[s][k]),
+                     "tumor": tumor_level, "til": til_level,
+                     "class_label": class_label_from_levels(tumor_level, til_level),
+                     "patch_index": j, "slide": str(slides[s]), "summary_index": k,
+                     "seed": image_seed(seed, i)})
+    return plan

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Reconstruction quality of first-stage autoencoders (paper Tables 2 and 3).
+
+Every image goes through encode -> decode (VQ models through the quantizer, KL models through
+the posterior mode, or a sample with --kl-sample); the input and the reconstruction are
+compared as uint8 RGB images: SSIM (scikit-image, channel_axis=2, data_range=255), MSE on the
+0-255 pixel scale and PSNR (dB), each averaged over images.
+
+Models are given as --config (an autoencoder config, an LDM config whose first_stage_config is
+used, or a config embedded in a checkpoint) with an optional --ckpt (a first-stage checkpoint,
+a full LDM checkpoint, or '-' for the config's own ckpt_path); repeat both for several rows.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main  # noqa: E402
+from ldm.evaluation.images import open_images, pil_transform, write_json  # noqa: E402
+
+logger = logging.getLogger("eval_vae")
+CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
+
+EXAMPLES = """examples:
+  # Table 2: three first stages on held-out TCGA-BRCA patches
+  python scripts/eval_vae.py --data data/tcga/test.h5 --n 5000 \\
+      --config configs/autoencoder/kl_f8_sd_vae.yaml --ckpt - --name "Stable Diffusion" \\
+      --config configs/autoencoder/vq_f4_finetune.yaml --ckpt logs/VQ/checkpoints/last.ckpt \\
+      --name Ours
+  # Table 3: 256 and 512 crops of satellite images with the CompVis VQ-f4 weights
+  python scripts/eval_vae.py --data deepglobe/ --crop 256 512 \\
+      --config configs/autoencoder/vq_f4_finetune.yaml --ckpt - --name VQ-f4
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, type=Path, help="split store (.h5) or image folder")
+    p.add_argument("--config", required=True, action="append", type=Path,
+                   help="model config YAML, or a checkpoint with an embedded config (repeat "
+                        "for several models)")
+    p.add_argument("--ckpt", action="append", default=None,
+                   help="checkpoint per --config ('-' = the config's ckpt_path)")
+    p.add_argument("--name", action="append", default=None, help="row label per --config")
+    p.add_argument("--crop", type=int, nargs="+", default=None,
+                   help="centre-crop sizes, one table row each (default: whole images)")
+    p.add_argument("--n", type=int, default=None, help="random subset of this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of KL sampling")
+    p.add_argument("--kl-sample", action="store_true",
+                   help="KL models: decode a posterior sample instead of the mode")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--out", type=Path, default=Path("vae_eval.json"), help="JSON results")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def _models(args: argparse.Namespace) -> list[tuple[str, Path, str | None]]:
+    n = len(args.config)
+    ckpts = args.ckpt or ["-"] * n
+    names = args.name or [c.stem for c in args.config]
+    if len(ckpts) != n or len(names) != n:
+        raise ValueError(f"{n} --config but {len(ckpts)} --ckpt and {len(names)} --name; give "
+                         "one --ckpt ('-' for the config's ckpt_path) and --name per --config")
+    models = []
+    for name, cfg, ck in zip(names, args.config, ckpts):
+        if ck == "-":  # a checkpoint given as --config carries its own weights
+            ck = str(cfg) if cfg.suffix in CKPT_SUFFIXES else None
+        models.append((name, cfg, ck))
+    return models
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """A YAML config, or the config embedded in a checkpoint written by main.py."""
+    from ldm.checkpoint import load_config, read_checkpoint
+
+    if path.suffix in CKPT_SUFFIXES:
+        embedded = read_checkpoint(path).get("config")
+        if not embedded:
+            raise KeyError(f"{path} has no embedded config; pass a YAML --config")
+        return load_config(embedded)
+    return load_config(path)
+
+
+def render(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows in the layout of Tables 2/3, MSE on the 0-255 scale."""
+    table = [[r["name"], r["image_size"], r["f"], r["latent_size"], f"{r['ssim']:.3f}",
+              f"{r['mse']:.3f}", f"{r['psnr']:.2f}", r["n"]] for r in rows]
+    return format_table(["VAE", "Image resolution", "f", "Latent size", "SSIM ↑",
+                         "MSE ↓ (0-255)", "PSNR ↑ (dB)", "n"], table)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Entry point."""
+    import torch
+
+    from ldm.evaluation.reconstruction import evaluate_reconstructions, load_first_stage
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    device = resolve_device(args.device)
+    rows = []
+    for name, cfg_path, ckpt in _models(args):
+        model = load_first_stage(_config(cfg_path), ckpt).to(device)
+        for crop in args.crop or [None]:
+            torch.manual_seed(args.seed)
+            data = open_images(args.data, n=args.n, seed=args.seed,
+                               transform=pil_transform(center_crop=crop))
+            res = evaluate_reconstructions(model, data, batch_size=args.batch_size,
+                                           sample_posterior=args.kl_sample,
+                                           num_workers=args.num_workers, desc=name)
+            rows.append({"name": name, "config": str(cfg_path), "ckpt": ckpt, "crop": crop,
+                         **res})
+            logger.info("%s (crop %s): SSIM %.4f, MSE %.3f", name, crop, res["ssim"], res["mse"])
+        del model
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json({"data": str(args.data), "mse_scale": "0-255 (uint8 pixels)",
+                "kl_posterior": "sample" if args.kl_sample else "mode", "results": rows}, args.out)
+    print(render(rows))
+    print("\nMSE: mean squared error per pixel and channel on the 0-255 scale; SSIM/MSE/PSNR "
+          f"averaged over images.\nresults: {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_main(main)

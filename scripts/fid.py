@@ -1,0 +1,343 @@
+#!/usr/bin/env python
+"""FID/KID of a text- or class-conditional LDM against real patches (pytorch-fid's Inception).
+
+Subcommands:
+  ref-stats  Inception statistics of real patches (split store or image folder) in
+             pytorch-fid's npz format (mu, sigma), plus a features sidecar for KID.
+  generate   N samples (10,000 by default) whose captions are drawn from a split store: each
+             sample takes a real patch's tumor/TIL levels and one summary of its slide.
+             Resumable (existing PNGs are kept) and shardable (--shard i/n).
+  score      FID and KID of generated folders against reference statistics or images.
+  sweep      generate + score for several guidance scales (--scales) with prompts from the
+             train and the held-out test split, reported side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ldm.evaluation.cli import (  # noqa: E402
+    configure_logging,
+    format_table,
+    parse_shard,
+    resolve_device,
+    run_main,
+)
+from ldm.evaluation.fid import (  # noqa: E402
+    DIMS,
+    FID_WEIGHTS_FILE,
+    extract_features,
+    feature_statistics,
+    frechet_distance,
+    kid,
+    load_inception,
+    load_statistics,
+    save_statistics,
+)
+from ldm.evaluation.images import (  # noqa: E402
+    SplitStore,
+    list_image_files,
+    open_images,
+    pil_transform,
+    write_json,
+    write_text,
+)
+
+logger = logging.getLogger("fid")
+
+EXAMPLES = """examples:
+  python scripts/fid.py ref-stats --images data/tcga/train.h5 --n 10000 --out ref_train.npz
+  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga/test.h5 --outdir gen/test \\
+      --n 10000 --shard 0/4 --device cuda:0
+  python scripts/fid.py score --ref ref_train.npz --samples gen/train gen/test --out fid.json
+  python scripts/fid.py sweep --ckpt logs/RUN --ref ref_train.npz --outdir sweep \\
+      --train-store data/tcga/train.h5 --test-store data/tcga/test.h5 \\
+      --scales 0.1 0.5 1 1.5 1.75 2 3 --n 10000
+"""
+
+
+def _add_inception_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    g = p.add_argument_group("Inception")
+    g.add_argument("--dims", type=int, default=2048, choices=DIMS,
+                   help="Inception feature block (2048 = pool3, the standard FID)")
+    g.add_argument(batch_flag, dest="fid_batch_size", type=int, default=50,
+                   help="images per Inception forward pass")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading")
+    g.add_argument("--inception-weights", type=Path, default=None,
+                   help=f"path to {FID_WEIGHTS_FILE}; unset: the torch hub cache "
+                        "$TORCH_HOME/hub/checkpoints (downloaded there if missing)")
+    g.add_argument("--no-download", action="store_true",
+                   help="never try to download the Inception weights")
+    g.add_argument("--kid-subsets", type=int, default=100, help="KID: number of subsets")
+    g.add_argument("--kid-subset-size", type=int, default=1000, help="KID: samples per subset")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and sampling")
+    g.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) or run directory logs/<run>/")
+    g.add_argument("--config", nargs="+", default=None,
+                   help="model config YAML(s), merged in order (default: embedded in the "
+                        "checkpoint or the run directory's configs/*-project.yaml)")
+    g.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="EMA weights (auto: when present)")
+    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    g.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
+    g.add_argument("--seed", type=int, default=0, help="seed of captions and noise")
+    g.add_argument("--n", type=int, default=10_000, help="samples per prompt split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    kw = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter, "parents": [common]}
+
+    p = sub.add_parser("ref-stats", **kw, help="reference statistics of real images")
+    p.add_argument("--images", required=True, type=Path, help="split store (.h5) or image folder")
+    p.add_argument("--out", required=True, type=Path, help="output .npz (pytorch-fid format)")
+    p.add_argument("--n", type=int, default=None, help="random subset of this many images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset")
+    p.add_argument("--center-crop", type=int, default=None, help="centre crop to this size first")
+    p.add_argument("--resize", type=int, default=None,
+                   help="bicubic resize (e.g. 299); the network resizes to 299 bilinearly anyway")
+    p.add_argument("--no-features", action="store_true",
+                   help="do not keep raw features (KID against these statistics impossible)")
+    _add_inception_args(p)
+
+    p = sub.add_parser("generate", **kw, help="generate samples for FID")
+    _add_model_args(p)
+    p.add_argument("--store", required=True, type=Path,
+                   help="split store whose patches/summaries give the captions")
+    p.add_argument("--split-name", default=None, help="label of the prompt split "
+                   "(default: the store's 'split' attribute)")
+    p.add_argument("--scale", type=float, default=1.75, help="classifier-free guidance scale")
+    p.add_argument("--outdir", required=True, type=Path, help="folder for PNGs and metadata")
+    p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i")
+
+    p = sub.add_parser("score", **kw, help="FID/KID of generated folders")
+    p.add_argument("--ref", required=True, type=Path,
+                   help="reference .npz (ref-stats), split store or image folder")
+    p.add_argument("--samples", required=True, nargs="+", type=Path, help="generated folders")
+    p.add_argument("--out", type=Path, default=Path("fid_results.json"), help="JSON results")
+    p.add_argument("--center-crop", type=int, default=None, help="centre crop (images only)")
+    p.add_argument("--resize", type=int, default=None, help="bicubic resize (images only)")
+    _add_inception_args(p)
+
+    p = sub.add_parser("sweep", **kw, help="guidance-scale sweep (generate+score)")
+    _add_model_args(p)
+    p.add_argument("--ref", required=True, type=Path, help="reference .npz, store or folder")
+    p.add_argument("--train-store", type=Path, default=None, help="train split store (prompts)")
+    p.add_argument("--test-store", type=Path, default=None, help="held-out split store (prompts)")
+    p.add_argument("--scales", type=float, nargs="+",
+                   default=[0.1, 0.5, 1.0, 1.5, 1.75, 2.0, 2.5, 3.0], help="guidance scales")
+    p.add_argument("--outdir", required=True, type=Path, help="folder of scale_*/<split>/ runs")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results (default: OUTDIR/sweep_results.json)")
+    p.set_defaults(shard="0/1", center_crop=None, resize=None)
+    _add_inception_args(p, batch_flag="--fid-batch-size")
+    return parser
+
+
+def _inception(args: argparse.Namespace) -> Any:
+    return load_inception(args.dims, weights=args.inception_weights,
+                          allow_download=not args.no_download, device=resolve_device(args.device))
+
+
+def _features(model: Any, path: Path, args: argparse.Namespace, n: int | None = None,
+              seed: int = 0) -> Any:
+    dataset = open_images(path, n=n, seed=seed,
+                          transform=pil_transform(args.center_crop, args.resize))
+    logger.info("%s: %d images", path, len(dataset))
+    return extract_features(model, dataset, batch_size=args.fid_batch_size,
+                            num_workers=args.num_workers, desc=path.name)
+
+
+def cmd_ref_stats(args: argparse.Namespace) -> dict[str, Any]:
+    """Write reference statistics of real images."""
+    if args.out.suffix != ".npz":
+        raise ValueError(f"--out must end in .npz, got {args.out}")
+    model = _inception(args)
+    feats = _features(model, args.images, args, n=args.n, seed=args.seed)
+    mu, sigma = feature_statistics(feats)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_statistics(args.out, mu, sigma, features=None if args.no_features else feats)
+    logger.info("wrote %s (%d images, %d dims)", args.out, len(feats), feats.shape[1])
+    return {"out": str(args.out), "n": len(feats), "dims": int(feats.shape[1])}
+
+
+def _check_settings(path: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix runs: an existing generation.json must match (``n`` may grow)."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in settings.items() if k != "n" and old.get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{path.parent} holds samples generated with other settings "
+                             f"({details}); use another --outdir")
+        settings = {**settings, "n": max(int(old.get("n", 0)), settings["n"])}
+    write_json(settings, path)
+
+
+def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]:
+    """Generate (a shard of) N samples with captions from a split store."""
+    from ldm.checkpoint import load_model
+    from ldm.evaluation.sampling import (
+        caption_plan,
+        conditioning_kind,
+        generate_to_folder,
+        warn_long_prompts,
+    )
+
+    shard, n_shards = parse_shard(args.shard)
+    store = SplitStore(args.store)
+    split = args.split_name or str(store.attrs.get("split") or args.store.stem)
+    device = resolve_device(args.device)
+    if loaded is None:
+        loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
+    model = loaded.model.to(device)
+    kind = conditioning_kind(model)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    settings = {"checkpoint": str(loaded.checkpoint_path.resolve()), "weights": loaded.weights,
+                "store": str(args.store.resolve()), "split": split, "conditioning": kind,
+                "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
+                "n": args.n}
+    _check_settings(args.outdir / "generation.json", settings)
+    plan = caption_plan(store, args.n, seed=args.seed)
+    for rec in plan:
+        rec["file"] = f"{rec['index']:06d}.png"
+    write_text("".join(json.dumps(r) + "\n" for r in plan), args.outdir / "samples.jsonl")
+    mine = [r for r in plan if r["index"] % n_shards == shard]
+    if kind == "text":
+        warn_long_prompts(model, [r["caption"] for r in mine])
+    items = [{"path": args.outdir / r["file"], "seed": r["seed"],
+              "cond": r["caption"] if kind == "text" else r["class_label"]} for r in mine]
+    made = generate_to_folder(model, items, args.batch_size, args.steps, args.scale, args.eta,
+                              desc=f"{split} s={args.scale:g} shard {shard}/{n_shards}")
+    logger.info("%s: %d new images (shard %d/%d holds %d)", args.outdir, made, shard, n_shards,
+                len(items))
+    return {"outdir": str(args.outdir), "generated": made, "shard_size": len(items)}
+
+
+def _reference(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    if args.ref.suffix == ".npz":
+        mu, sigma, feats = load_statistics(args.ref)
+        if feats is None:
+            logger.warning("%s has no features sidecar: KID skipped", args.ref)
+        return mu, sigma, feats
+    feats = _features(model, args.ref, args)
+    return (*feature_statistics(feats), feats)
+
+
+def _sample_meta(folder: Path) -> dict[str, Any]:
+    path = folder / "generation.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    found = len(list_image_files(folder))
+    if meta.get("n") and found < meta["n"]:
+        logger.warning("%s: %d of %d samples present (generation incomplete?)", folder, found,
+                       meta["n"])
+    return meta
+
+
+def score_folders(model: Any, args: argparse.Namespace, folders: Sequence[Path]) -> list[dict]:
+    """FID (and KID when reference features exist) of each folder against ``args.ref``."""
+    mu_r, sigma_r, feats_r = _reference(model, args)
+    rows = []
+    for folder in folders:
+        meta = _sample_meta(folder)
+        feats = _features(model, folder, args)
+        row = {"samples": str(folder), "split": meta.get("split"), "scale": meta.get("scale"),
+               "n": len(feats), "fid": frechet_distance(*feature_statistics(feats), mu_r, sigma_r)}
+        if feats_r is not None:
+            row["kid"], row["kid_std"] = kid(feats, feats_r, num_subsets=args.kid_subsets,
+                                             subset_size=args.kid_subset_size, seed=0)
+        rows.append(row)
+        logger.info("%s: FID %.4f", folder, row["fid"])
+    return rows
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def render(rows: Sequence[dict[str, Any]], dims: int) -> str:
+    """Flat table, plus train vs held-out FID side by side when both splits are present."""
+    flat = format_table(
+        ["samples", "prompts", "scale", "n", f"FID ({dims})", "KID x1e3"],
+        [[r["samples"], r["split"], _fmt(r["scale"], "g"), r["n"], _fmt(r["fid"]),
+          ("" if "kid" not in r else f"{1e3 * r['kid']:.3f} ± {1e3 * r['kid_std']:.3f}")]
+         for r in rows])
+    splits = list(dict.fromkeys(r["split"] for r in rows if r["split"]))
+    if len(splits) < 2:
+        return flat
+    scales = list(dict.fromkeys(r["scale"] for r in rows))
+    by = {(r["scale"], r["split"]): r for r in rows}
+    headers = ["scale"] + [f"FID {s} prompts" for s in splits] + [f"KIDx1e3 {s}" for s in splits]
+    table = [[_fmt(sc, "g")] + [_fmt(by.get((sc, s), {}).get("fid")) for s in splits]
+             + [_fmt(1e3 * by[(sc, s)]["kid"]) if "kid" in by.get((sc, s), {}) else ""
+                for s in splits] for sc in scales]
+    return flat + "\n\n" + format_table(headers, table)
+
+
+def cmd_score(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Score generated folders and write JSON + table."""
+    for folder in args.samples:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"samples folder not found: {folder}")
+    rows = score_folders(_inception(args), args, args.samples)
+    _report(rows, args, args.out)
+    return rows
+
+
+def _report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json({"reference": str(args.ref), "dims": args.dims, "results": rows}, out)
+    print(render(rows, args.dims))
+    print(f"\nresults: {out}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Generate and score per guidance scale with train and held-out prompts."""
+    from ldm.checkpoint import load_model
+
+    stores = [(name, s) for name, s in (("train", args.train_store), ("test", args.test_store))
+              if s is not None]
+    if not stores:
+        raise ValueError("give --train-store and/or --test-store for the prompts")
+    loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
+    folders = []
+    for scale in args.scales:
+        for name, store in stores:
+            gen = argparse.Namespace(**vars(args))
+            gen.scale, gen.store, gen.split_name = scale, store, name
+            gen.outdir = args.outdir / f"scale_{scale:g}" / name
+            cmd_generate(gen, loaded=loaded)
+            folders.append(gen.outdir)
+    loaded.model.cpu()  # free accelerator memory for the Inception
+    rows = score_folders(_inception(args), args, folders)
+    _report(rows, args, args.out or args.outdir / "sweep_results.json")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    """Entry point."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    commands = {"ref-stats": cmd_ref_stats, "generate": cmd_generate, "score": cmd_score,
+                "sweep": cmd_sweep}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Generate patches with a trained PathLDM (DDIM + classifier-free guidance).
+
+Prompts come from --prompt (repeatable) and --prompt-file (one per line). With --tumor and
+--til, every text (and --summary) is a slide summary and becomes a training-format caption
+"<tumor> tumor; <til> til; <summary>". Class-conditional models take --class-label, or derive
+the label from --tumor/--til (0 low/low, 1 low/high TIL, 2 high/low, 3 high/high).
+
+Writes OUTDIR/<index>.png, OUTDIR/grid.png (one row per prompt) and OUTDIR/metadata.json
+(checkpoint, weights, prompts, seed, steps, scale, eta and the seed of every image). Each image
+has its own seed, so the batch size does not change the result (with --eta 0), and a rerun of
+the same command skips images that already exist.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from ldm.evaluation.cli import configure_logging, resolve_device, run_main  # noqa: E402
+
+logger = logging.getLogger("sample")
+
+EXAMPLES = """examples:
+  python scripts/sample.py --ckpt logs/RUN --tumor high --til low \\
+      --summary "invasive ductal carcinoma, grade 2, ..." --n 16 --outdir samples/hl
+  python scripts/sample.py --ckpt model.ckpt --config configs/pathldm.yaml \\
+      --prompt-file prompts.txt --n 4 --seed 1 --outdir samples/file
+  python scripts/sample.py --ckpt logs/CLASS_RUN --tumor low --til high --n 8 --outdir samples/c1
+"""
+# Settings that must match to resume into an existing OUTDIR.
+RESUME_KEYS = ("checkpoint", "weights", "conditioning", "conditions", "steps", "scale", "eta",
+               "seed", "n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface."""
+    p = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    c = p.add_argument_group("conditioning")
+    c.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
+    c.add_argument("--prompt-file", type=Path, default=None, help="file with one prompt per line")
+    c.add_argument("--tumor", choices=("low", "high"), default=None, help="tumor level")
+    c.add_argument("--til", choices=("low", "high"), default=None, help="TIL level")
+    c.add_argument("--summary", default=None,
+                   help="slide summary for the training caption (needs --tumor and --til)")
+    c.add_argument("--class-label", type=int, action="append", default=[],
+                   help="class-conditional models: label 0-3 (repeatable)")
+    m = p.add_argument_group("model")
+    m.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) or run directory logs/<run>/")
+    m.add_argument("--config", nargs="+", default=None,
+                   help="model config YAML(s) (default: embedded in the checkpoint or the run "
+                        "directory's configs/*-project.yaml; needed for released checkpoints)")
+    m.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                   help="EMA or raw weights (auto: EMA when the checkpoint has them)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic)")
+    s.add_argument("--scale", type=float, default=1.75,
+                   help="classifier-free guidance scale (default: 1.75, the paper's)")
+    s.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
+    s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
+    s.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    o = p.add_argument_group("output")
+    o.add_argument("--outdir", type=Path, default=Path("outputs/samples"),
+                   help="output folder (default: outputs/samples)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="regenerate every image even if OUTDIR holds a different run")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Texts from --summary, --prompt and --prompt-file; training captions when levels are set."""
+    from ldm.data.captions import caption_from_levels
+
+    texts = list(args.prompt)
+    if args.prompt_file is not None:
+        if not args.prompt_file.is_file():
+            raise FileNotFoundError(f"prompt file not found: {args.prompt_file}")
+        texts += [t.strip() for t in args.prompt_file.read_text(encoding="utf-8").splitlines()
+                  if t.strip()]
+    if (args.tumor is None) != (args.til is None):
+        raise ValueError("give --tumor and --til together")
+    if args.tumor is None:
+        if args.summary is not None:
+            raise ValueError("--summary needs --tumor and --til to build a caption")
+        return texts
+    if args.summary is not None:
+        texts.insert(0, args.summary)
+    return [caption_from_levels(args.tumor, args.til, t) for t in texts]
+
+
+def conditions(args: argparse.Namespace, kind: str) -> list[Any]:
+    """One condition per prompt: a caption, a class label, or None for unconditional models."""
+    from ldm.data.captions import class_label_from_levels
+    from ldm.evaluation.sampling import class_of
+
+    if kind == "none":
+        return [None]
+    if kind == "class":
+        if args.class_label:
+            labels = list(args.class_label)
+        elif args.tumor is not None or args.til is not None:
+            if args.tumor is None or args.til is None:
+                raise ValueError("give --tumor and --til together")
+            labels = [class_label_from_levels(args.tumor, args.til)]
+        else:
+            labels = [class_of(p) for p in read_prompts(args)]
+        if not labels:
+            raise ValueError("class-conditional model: give --class-label or --tumor/--til")
+        return labels
+    if args.class_label:
+        raise ValueError("--class-label is for class-conditional models; this one takes text")
+    prompts = read_prompts(args)
+    if not prompts:
+        raise ValueError("text-conditional model: give --prompt, --prompt-file or "
+                         "--tumor/--til with --summary")
+    return prompts
+
+
+def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str) -> list[dict[str, Any]]:
+    """File name, condition, levels and seed of every image (index = prompt * n + j)."""
+    from ldm.evaluation.sampling import image_seed, levels_from_caption
+
+    names = {0: ("low", "low"), 1: ("low", "high"), 2: ("high", "low"), 3: ("high", "high")}
+    images = []
+    for p, cond in enumerate(conds):
+        levels = (names.get(cond) if kind == "class"
+                  else levels_from_caption(cond) if kind == "text" else None)
+        for j in range(n):
+            k = p * n + j
+            rec = {"file": f"{k:05d}.png", "prompt_index": p, "seed": image_seed(seed, k)}
+            rec["class_label" if kind == "class" else "prompt"] = cond
+            if levels:
+                rec["tumor"], rec["til"] = levels
+            images.append(rec)
+    return images
+
+
+def _check_resume(meta_path: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    if overwrite or not meta_path.is_file():
+        return
+    old = json.loads(meta_path.read_text())
+    diff = [k for k in RESUME_KEYS if old.get(k) != meta.get(k)]
+    if diff:
+        raise ValueError(f"{meta_path.parent} holds samples of a different run (differs in: "
+                         f"{', '.join(diff)}); use another --outdir or --overwrite")
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point."""
+    import numpy as np
+    from PIL import Image
+
+    from ldm.checkpoint import load_model
+    from ldm.evaluation.images import make_grid, save_png, write_json
+    from ldm.evaluation.sampling import conditioning_kind, generate_to_folder, warn_long_prompts
+
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
+        raise ValueError("--n, --batch-size and --steps must be positive")
+    device = resolve_device(args.device)
+    loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
+    model = loaded.model.to(device)
+    kind = conditioning_kind(model)
+    conds = conditions(args, kind)
+    if kind == "text":
+        warn_long_prompts(model, conds)
+    images = plan_images(conds, args.n, args.seed, kind)
+    meta = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
+            "weights": loaded.weights, "conditioning": kind, "conditions": conds,
+            "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
+            "n": args.n, "sampler": "DDIM", "grid": "grid.png", "images": images}
+    args.outdir.mkdir(parents=True, exist_ok=True)
+    meta_path = args.outdir / "metadata.json"
+    _check_resume(meta_path, meta, args.overwrite)
+    if args.overwrite:
+        for rec in images:
+            (args.outdir / rec["file"]).unlink(missing_ok=True)
+    write_json(meta, meta_path)
+    items = [{"path": args.outdir / r["file"], "seed": r["seed"],
+              "cond": r.get("prompt", r.get("class_label"))} for r in images]
+    made = generate_to_folder(model, items, args.batch_size, args.steps, args.scale, args.eta,
+                              desc="sampling")
+    tiles = [np.asarray(Image.open(args.outdir / r["file"]).convert("RGB")) for r in images]
+    nrow = args.n if args.n <= 8 else math.ceil(math.sqrt(len(tiles)))
+    save_png(make_grid(tiles, nrow=nrow), args.outdir / "grid.png")
+    print(f"{made} new images, {len(images)} in {args.outdir} (grid.png, metadata.json)")
+    return meta
+
+
+if __name__ == "__main__":
+    run_main(main)
