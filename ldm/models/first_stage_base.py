@@ -122,10 +122,6 @@ class FirstStageBase(pl.LightningModule):
                 if context is not None:
                     logger.info("%s: restored training weights", context)
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        if self.use_ema:
-            self.model_ema(self._ema_target())
-
     # ----------------------------------------------------------------------------- input
     def get_input(self, batch: Mapping[str, Any], k: str) -> Tensor:
         """``batch[k]`` ``(B, H, W, C)`` (CompVis layout) -> float ``(B, C, H, W)``."""
@@ -180,6 +176,10 @@ class FirstStageBase(pl.LightningModule):
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
         opt_ae.step()
+        # EMA right after the step (not in on_train_batch_end): checkpoint callbacks run before
+        # the module's batch-end hook, so a checkpoint would miss this step's update.
+        if self.use_ema:
+            self.model_ema(self._ema_target())
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)

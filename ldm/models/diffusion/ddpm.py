@@ -388,8 +388,14 @@ class DDPM(pl.LightningModule):
             self.log_dict(d, prog_bar=False, logger=True, on_step=False, on_epoch=True,
                           batch_size=bs)
 
-    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        """EMA update after every optimizer step."""
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """EMA update after every optimizer step.
+
+        Done here rather than in ``on_train_batch_end`` because Lightning runs the callbacks'
+        ``on_train_batch_end`` (where checkpoints are saved) before the module's: a checkpoint
+        would miss the step's EMA update and a resumed run would lose it.
+        """
+        super().optimizer_step(*args, **kwargs)
         if self.use_ema:
             self.model_ema(self.model)
 

@@ -1,0 +1,56 @@
+"""Write small training stores in the format of docs/data_format.md §3 for tests."""
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+from PIL import Image
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 95) -> np.ndarray:
+    """JPEG-encode an RGB uint8 array into one vlen row."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+def write_store(path: str | Path, images: Sequence[np.ndarray], slide_index: Sequence[int],
+                tumor_prob: Sequence[float], til_prob: Sequence[float], slides: Sequence[str],
+                summaries: Sequence[Sequence[str]], split: str = "train") -> Path:
+    """A training store with JPEG tiles and per-slide summaries (``""``-padded to K)."""
+    path = Path(path)
+    n_summaries = np.array([len(s) for s in summaries], dtype=np.int32)
+    k = max(1, int(n_summaries.max()))
+    table = np.array([list(s) + [""] * (k - len(s)) for s in summaries], dtype=object)
+    tile = images[0].shape[0]
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("images", shape=(len(images),),
+                              dtype=h5py.vlen_dtype(np.dtype("uint8")))
+        for i, im in enumerate(images):
+            ds[i] = jpeg_bytes(im)
+        f.create_dataset("slide_index", data=np.asarray(slide_index, dtype=np.int32))
+        f.create_dataset("coords", data=np.zeros((len(images), 2), dtype=np.int64))
+        f.create_dataset("tumor_prob", data=np.asarray(tumor_prob, dtype=np.float32))
+        f.create_dataset("til_prob", data=np.asarray(til_prob, dtype=np.float32))
+        f.create_dataset("slides", data=np.array(slides, dtype=object),
+                         dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("summaries", data=table, dtype=h5py.string_dtype("utf-8"))
+        f.create_dataset("n_summaries", data=n_summaries)
+        f.attrs.update({"split": split, "tile_size": tile, "magnification": 10.0,
+                        "format_version": 1, "seed": 0})
+    return path
+
+
+def random_store(path: str | Path, n: int = 16, tile: int = 32, n_slides: int = 2,
+                 n_summaries: int = 1, seed: int = 0) -> Path:
+    """A store of ``n`` smooth random tiles spread over ``n_slides`` slides."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(n, 4, 4, 3), dtype=np.uint8)
+    images = [np.asarray(Image.fromarray(c).resize((tile, tile), Image.BILINEAR)) for c in coarse]
+    slides = [f"TCGA-{i:02d}" for i in range(n_slides)]
+    summaries = [[f"slide {i} summary {j}" for j in range(n_summaries)] for i in range(n_slides)]
+    return write_store(path, images, np.arange(n) % n_slides, rng.random(n), rng.random(n),
+                       slides, summaries)

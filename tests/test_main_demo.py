@@ -1,0 +1,32 @@
+"""The quick-start demo runs end to end (few steps) and leaves a checkpoint sample.py uses."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_few_steps(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PATHLDM_RUN_TIMESTAMP", None)
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "scripts/demo.py", "--out", str(out), "--vq-steps", "3",
+           "--ldm-steps", "4", "--n", "1", "--sample-steps", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PathLDM demo finished" in proc.stdout
+    (run,) = (out / "logs").iterdir()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 4 and "config" in ckpt
+    meta = json.loads((out / "samples" / "metadata.json").read_text())
+    assert meta["weights"] == "ema" and len(meta["images"]) == 4
+    assert (out / "samples" / "grid.png").is_file()
+    # a rerun finds every stage done and only re-samples (skipping existing images)
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and len(list((out / "logs").iterdir())) == 1
