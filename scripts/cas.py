@@ -29,9 +29,9 @@ logger = logging.getLogger("cas")
 MODES = ("real", "synthetic", "real+synthetic")
 DATA_TYPE = {"real": "Real", "synthetic": "Only Synthetic", "real+synthetic": "Real + Synthetic"}
 EXAMPLES = """example (Table 5):
-  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga/train.h5 --n 100000 \\
+  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga_brca/train.h5 --n 100000 \\
       --outdir cas/pathldm
-  python scripts/cas.py --real-train data/tcga/train.h5 --real-test data/tcga/test.h5 \\
+  python scripts/cas.py --real-train data/tcga_brca/train.h5 --real-test data/tcga_brca/test.h5 \\
       --synthetic cas/pathldm --synthetic-name PathLDM --out cas.json
 """
 

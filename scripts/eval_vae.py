@@ -29,7 +29,7 @@ CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
 
 EXAMPLES = """examples:
   # Table 2: three first stages on held-out TCGA-BRCA patches
-  python scripts/eval_vae.py --data data/tcga/test.h5 --n 5000 \\
+  python scripts/eval_vae.py --data data/tcga_brca/test.h5 --n 5000 \\
       --config configs/autoencoder/kl_f8_sd_vae.yaml --ckpt - --name "Stable Diffusion" \\
       --config configs/autoencoder/vq_f4_finetune.yaml --ckpt logs/VQ/checkpoints/last.ckpt \\
       --name Ours

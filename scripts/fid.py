@@ -53,12 +53,12 @@ from ldm.evaluation.images import (  # noqa: E402
 logger = logging.getLogger("fid")
 
 EXAMPLES = """examples:
-  python scripts/fid.py ref-stats --images data/tcga/train.h5 --n 10000 --out ref_train.npz
-  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga/test.h5 --outdir gen/test \\
+  python scripts/fid.py ref-stats --images data/tcga_brca/train.h5 --n 10000 --out ref_train.npz
+  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga_brca/test.h5 --outdir gen/test \\
       --n 10000 --shard 0/4 --device cuda:0
   python scripts/fid.py score --ref ref_train.npz --samples gen/train gen/test --out fid.json
   python scripts/fid.py sweep --ckpt logs/RUN --ref ref_train.npz --outdir sweep \\
-      --train-store data/tcga/train.h5 --test-store data/tcga/test.h5 \\
+      --train-store data/tcga_brca/train.h5 --test-store data/tcga_brca/test.h5 \\
       --scales 0.1 0.5 1 1.5 1.75 2 3 --n 10000
 """
 
