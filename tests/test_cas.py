@@ -1,7 +1,6 @@
 """cas.py end to end on tiny stores and generated folders (1 epoch, 16-pixel patches)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts_loader import load_script
 from tcga_store import write_store
 
 from ldm.evaluation.cas import (
@@ -19,15 +19,6 @@ from ldm.evaluation.cas import (
     synthetic_labels,
     train_classifier,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiles(n: int, seed: int) -> list[np.ndarray]:

@@ -1,28 +1,20 @@
 """ldm.checkpoint loading (EMA/raw, run dirs, legacy keys) and scripts/ckpt_tools.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from scripts_loader import load_script
 from tiny_ldm import build_tiny_model, save_checkpoint, tiny_model_config
 
 from ldm.checkpoint import load_model, load_model_from_checkpoint, read_checkpoint
 from ldm.util import instantiate_from_config, load_checkpoint_into
 
-ROOT = Path(__file__).resolve().parents[1]
 LEGACY = {"inception.blocks.0.0.conv.weight": torch.ones(4, 3, 1, 1),
           "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

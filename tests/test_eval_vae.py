@@ -1,7 +1,6 @@
 """eval_vae.py: SSIM/MSE/PSNR of tiny random first stages on a tiny store, Tables 2/3 layout."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from scripts_loader import load_script
 from skimage.metrics import structural_similarity
 from tcga_store import random_store
 
@@ -28,12 +28,6 @@ KL = {"target": "ldm.models.autoencoder.AutoencoderKL",
       "params": {"embed_dim": 4, "ddconfig": {**DDCONFIG, "double_z": True, "z_channels": 4},
                  "lossconfig": {"target": "torch.nn.Identity"}}}
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def save_model(cfg: dict, tmp: Path, name: str, prefix: str = "") -> tuple[Path, Path]:

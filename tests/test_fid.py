@@ -1,7 +1,6 @@
 """FID/KID: agreement with pytorch-fid on the same folders, KID on known inputs, the CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scripts_loader import load_script
 from tcga_store import write_store
 
 from ldm.evaluation.fid import (
@@ -27,13 +27,6 @@ from ldm.evaluation.sampling import caption_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_fid_inception_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,7 +1,6 @@
 """sample.py with a tiny text-conditional LDM trained here by main.py (run directory, EMA)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,17 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from scripts_loader import load_script
 from tcga_store import random_store
 from tiny_ldm import build_tiny_model, save_checkpoint, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

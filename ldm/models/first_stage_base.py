@@ -108,19 +108,11 @@ class FirstStageBase(pl.LightningModule):
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
         """Temporarily swap in the EMA weights (no-op without ``use_ema``)."""
-        if self.use_ema:
-            target = self._ema_target()
-            self.model_ema.store(target.parameters())
-            self.model_ema.copy_to(target)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
+        if not self.use_ema:
             yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self._ema_target().parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+            return
+        with self.model_ema.swapped_in(self._ema_target(), context):
+            yield None
 
     # ----------------------------------------------------------------------------- input
     def get_input(self, batch: Mapping[str, Any], k: str) -> Tensor:

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -83,3 +84,17 @@ class LitEma(nn.Module):
         for c_param, param in zip(self.collected_params, parameters):
             param.copy_(c_param)
         self.collected_params = []  # release the copy (it is as large as the model)
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module, context: str | None = None) -> Iterator[None]:
+        """Use the EMA weights in ``model`` inside the block, the training weights after it."""
+        self.store(model.parameters())
+        self.copy_to(model)
+        if context is not None:
+            logger.info("%s: switched to EMA weights", context)
+        try:
+            yield None
+        finally:
+            self.restore(model.parameters())
+            if context is not None:
+                logger.info("%s: restored training weights", context)

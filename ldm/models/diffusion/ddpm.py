@@ -170,18 +170,11 @@ class DDPM(pl.LightningModule):
     @contextmanager
     def ema_scope(self, context: str | None = None) -> Iterator[None]:
         """Temporarily swap the EMA weights into the model (no-op without EMA)."""
-        if self.use_ema:
-            self.model_ema.store(self.model.parameters())
-            self.model_ema.copy_to(self.model)
-            if context is not None:
-                logger.info("%s: switched to EMA weights", context)
-        try:
+        if not self.use_ema:
             yield None
-        finally:
-            if self.use_ema:
-                self.model_ema.restore(self.model.parameters())
-                if context is not None:
-                    logger.info("%s: restored training weights", context)
+            return
+        with self.model_ema.swapped_in(self.model, context):
+            yield None
 
     def init_from_ckpt(self, path: str | Path | Mapping[str, torch.Tensor],
                        ignore_keys: Sequence[str] = (), only_model: bool = False):
