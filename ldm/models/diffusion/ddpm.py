@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ldm.models.diffusion import schedule as S
 from ldm.modules.ema import LitEma
+from ldm.optim import adamw
 from ldm.util import count_params, instantiate_from_config, load_checkpoint_into, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -400,7 +401,11 @@ class DDPM(pl.LightningModule):
 
     def configure_optimizers(self):
         """AdamW at ``learning_rate``; optional per-step ``LambdaLR`` (``scheduler_config``)."""
-        opt = torch.optim.AdamW(self._trainable_params(), lr=self.learning_rate)
+        # Fused AdamW (same update, one pass per tensor) unless gradient clipping is configured:
+        # Lightning refuses to clip under mixed precision with a fused optimizer.
+        trainer = self._trainer
+        clipping = trainer is not None and bool(trainer.gradient_clip_val)
+        opt = adamw(self._trainable_params(), lr=self.learning_rate, prefer_fused=not clipping)
         if not self.use_scheduler:
             return opt
         if "target" not in self.scheduler_config:

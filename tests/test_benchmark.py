@@ -1,0 +1,101 @@
+"""scripts/benchmark.py: config handling, the Markdown report, and a tiny end-to-end run."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "pathldm.yaml"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("benchmark_script",
+                                                  REPO / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmark_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _spec(bench, *argv):
+    args = bench.build_parser().parse_args(["--device", "cpu", *argv])
+    bench._resolve(args)
+    return bench.build_spec(args)
+
+
+def test_spec_takes_the_unet_and_lr_from_the_config_without_weights(bench):
+    spec = _spec(bench, "--config", str(CONFIG))
+    cfg = OmegaConf.load(CONFIG).model
+    assert "ckpt_path" not in spec["unet"]
+    assert spec["unet"]["model_channels"] == cfg.params.unet_config.params.model_channels
+    assert spec["unet"]["use_checkpoint"] is False  # the original PathLDM setting
+    assert spec["lr"] == cfg.base_learning_rate
+    assert spec["params"]["first_stage_config"] == {"target": "torch.nn.Identity"}
+    assert spec["params"]["cond_stage_config"] == {"target": "torch.nn.Identity"}
+    assert spec["latent"] == [3, 64, 64] and spec["context"] == [154, 512]
+    assert (spec["batch"], spec["precision"], spec["steps"]) == (2, "fp32", 5)
+    as_config = _spec(bench, "--config", str(CONFIG), "--use-checkpoint", "config")
+    assert as_config["unet"]["use_checkpoint"] == cfg.params.unet_config.params.use_checkpoint
+
+
+def test_bad_arguments_fail_clearly(bench, tmp_path):
+    with pytest.raises(ValueError, match="--measure"):
+        _spec(bench, "--measure", "train,fly")
+    with pytest.raises(FileNotFoundError, match="openaimodel.py"):
+        _spec(bench, "--reference-src", str(tmp_path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {target: x, params: {}}\n")
+    with pytest.raises(KeyError, match="unet_config"):
+        _spec(bench, "--config", str(bad))
+
+
+def test_markdown_update_replaces_only_its_own_section(bench, tmp_path):
+    out = tmp_path / "b.md"
+    out.write_text("# Benchmarks\n\nintro kept\n")
+    section = lambda key, body: f"<!-- benchmark:{key} -->\n{body}\n<!-- /benchmark:{key} -->\n"  # noqa: E731
+    bench.update_markdown(out, "cpu", section("cpu", "first"))
+    bench.update_markdown(out, "gpu", section("gpu", "other"))
+    bench.update_markdown(out, "cpu", section("cpu", "second"))
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nintro kept\n")
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.count("<!-- benchmark:cpu -->") == 1
+    assert text.index("second") < text.index("other")  # replaced in place
+    assert not out.with_suffix(".md.tmp").exists()
+
+
+def _tiny_config(path: Path) -> Path:
+    cfg = OmegaConf.load(CONFIG)
+    unet = cfg.model.params.unet_config.params
+    unet.update(model_channels=32, channel_mult=[1, 2], attention_resolutions=[2],
+                num_res_blocks=1, image_size=8, context_dim=16)
+    cfg.model.params.image_size = 8
+    OmegaConf.save(cfg, path)
+    return path
+
+
+def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
+    """Every measurement on a tiny U-Net; this repository stands in for the original code."""
+    out = tmp_path / "bench.md"
+    results = bench.main([
+        "--config", str(_tiny_config(tmp_path / "tiny.yaml")), "--device", "cpu",
+        "--steps", "2", "--warmup", "0", "--ddim-steps", "2", "--context-tokens", "4",
+        "--optimizer", "fused", "--reference-src", str(REPO), "--out", str(out)])
+    expected = {("ours", "train"), ("reference", "train"), ("ours", "sample"),
+                ("ours", "denoise"), ("reference", "denoise")}
+    assert set(results) == expected
+    for r in results.values():
+        assert r["times"] and all(t > 0 for t in r["times"])
+        assert r["peak"] >= r["baseline"] > 0
+    assert len(results[("ours", "train")]["times"]) == 2
+    assert results[("ours", "train")]["note"] == "AdamW fused=True"
+    assert results[("reference", "train")]["note"] == "AdamW fused=False"
+    table = capsys.readouterr().out
+    assert "training step (fwd+bwd+AdamW): time" in table and "x faster" in table
+    text = out.read_text()
+    assert "<!-- benchmark:cpu-b2-fp32 -->" in text
+    assert "| DDIM 2 steps, guided, DDIMSampler: time | - |" in text
+    assert str(REPO) not in text  # the reference path is not written into the report
