@@ -14,7 +14,7 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
            original implementation (whose DDIMSampler needs CUDA) is timed identically.
 
 Each measurement runs in a fresh subprocess. Memory: on CUDA the peak of
-torch.cuda.max_memory_allocated; on CPU the peak resident set size (ru_maxrss) and its increase
+torch.cuda.max_memory_allocated; on CPU the peak resident set size (VmHWM) and its increase
 over the same process right after setup (model, optimizer and inputs built).
 
 --reference-src DIR runs the same measurements on the original implementation: DIR is a
@@ -97,6 +97,24 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- worker
+def _peak_rss_bytes() -> int:
+    """Peak resident set size of this process.
+
+    Linux's ``VmHWM`` belongs to this process image; ``ru_maxrss`` survives ``exec`` and would
+    report the (larger) parent's peak for a worker started from a big process such as pytest.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
 class _Probe:
     """Peak memory of this process: CUDA allocator peak, or the resident set size on CPU."""
 
@@ -109,9 +127,7 @@ class _Probe:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
             return self.torch.cuda.memory_allocated(self.device)
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        return _peak_rss_bytes()
 
     def reset(self) -> int:
         """Start peak tracking here; returns the baseline."""
@@ -421,7 +437,8 @@ def _ratio(ref: dict | None, ours: dict | None, key: str, device: str) -> str:
     if device == "cuda":
         return f"{ours['peak'] / ref['peak']:.2f}x memory"
     grow = lambda r: r["peak"] - r["baseline"]  # noqa: E731
-    return f"{ours['peak'] / ref['peak']:.2f}x peak, {grow(ours) / grow(ref):.2f}x increase"
+    increase = f"{grow(ours) / grow(ref):.2f}x increase" if grow(ref) > 0 else "- increase"
+    return f"{ours['peak'] / ref['peak']:.2f}x peak, {increase}"
 
 
 def result_rows(results: dict, spec: dict) -> list[list[str]]:
