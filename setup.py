@@ -7,6 +7,7 @@ INSTALL_REQUIRES = [
     "pytorch-lightning>=2.1,<3",
     "omegaconf>=2.3,<3",
     "transformers>=4.40,<6",
+    "huggingface_hub>=0.20",
     "open_clip_torch>=2.20,<4",
     "openslide-python>=1.3,<2",
     "openslide-bin>=4.0,<5",
