@@ -11,15 +11,16 @@ Examples:
 A run writes logs/<timestamp>_<name>/{configs,checkpoints,images,tensorboard,csv}. Settings after
 the flags are OmegaConf overrides: key=value (e.g. data.params.batch_size=32).
 
-Resuming restores the model, EMA, optimizer, LR scheduler, step and RNG states; from a checkpoint
-at an epoch boundary it continues exactly as an uninterrupted run. Mid-epoch, Lightning restarts
-the epoch's data order (its loaders are not resumable), so the remaining batches differ.
+Resuming restores the model, EMA, optimizer, LR scheduler, step, RNG states and the position in
+the training data (TCGAPatchData), so a run resumed from any checkpoint, mid-epoch included,
+continues exactly as an uninterrupted one would (on deterministic kernels).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,6 +158,7 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
     _preflight(config, hw, argv)
 
     import pytorch_lightning as pl
+    from pytorch_lightning.utilities.model_helpers import is_overridden
 
     from ldm.util import instantiate_from_config
 
@@ -172,6 +174,11 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
         "seed": opt.seed, "argv": list(argv if argv is not None else sys.argv[1:])}
     model = instantiate_from_config(config.model, learning_rate=lr)
     data = instantiate_from_config(config.data)
+    if is_overridden("load_state_dict", data, pl.LightningDataModule):
+        # the datamodule checkpoints its position in the epoch, so Lightning's warning about
+        # resuming mid-epoch with a non-resumable dataloader does not apply
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended "
+                                "before the epoch ended")
     trainer = _build_trainer(config, lightning_cfg, hw, run_paths, opt.seed, saved_lightning)
     logger.info("run directory %s; %s x%d on %d node(s), precision %s", run_paths.logdir,
                 hw.accelerator, hw.devices_per_node, hw.num_nodes, hw.precision)
@@ -181,8 +188,6 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
             logger.warning("training was interrupted")
             return 130
     if opt.test:
-        from pytorch_lightning.utilities.model_helpers import is_overridden
-
         ckpt = None if opt.train else run_paths.resume_ckpt
         if is_overridden("test_step", model):
             trainer.test(model, datamodule=data, ckpt_path=ckpt)

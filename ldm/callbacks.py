@@ -107,13 +107,16 @@ class RNGStateCallback(Callback):
 
     Lightning seeds every rank identically; diffusion noise and timesteps should differ between
     ranks, so at setup each rank reseeds with ``seed + global_rank``. Checkpoints hold rank 0's
-    states (python, numpy, torch, CUDA); on resume rank 0 restores them and other ranks derive
-    their own deterministic stream from them.
+    states (python, numpy, torch, CUDA). A restored state is applied at ``on_train_start``, after
+    Lightning has created the resumed data iterator (which draws a base seed from the torch RNG,
+    a draw the uninterrupted run made before the checkpoint); other ranks then derive their own
+    deterministic stream from it.
     """
 
     def __init__(self, seed: int) -> None:
         super().__init__()
         self.seed = int(seed)
+        self._restored: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _seed_all(self.seed + trainer.global_rank)
@@ -131,22 +134,21 @@ class RNGStateCallback(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version, py_state, gauss = state_dict["python"]
+        self._restored = state_dict
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restored is None:
+            return
+        state, self._restored = self._restored, None
+        version, py_state, gauss = state["python"]
         random.setstate((version, tuple(int(v) for v in py_state.tolist()), gauss))
-        name, keys, pos, has_gauss, cached = state_dict["numpy"]
+        name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-        torch.set_rng_state(state_dict["torch"])
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"])
-        rank = _global_rank()
-        if rank > 0:
-            _seed_all(int(torch.randint(0, 2**31, ())) + rank)
-
-
-def _global_rank() -> int:
-    from lightning_fabric.utilities.rank_zero import rank_zero_only
-
-    return int(getattr(rank_zero_only, "rank", 0) or 0)
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        if trainer.global_rank > 0:
+            _seed_all(int(torch.randint(0, 2**31, ())) + trainer.global_rank)
 
 
 def _to_uint8_grid(images: torch.Tensor, clamp: bool, nrow: int) -> np.ndarray:

@@ -244,23 +244,28 @@ def test_tiny_training_run_writes_the_run_directory(tmp_path, fixed_timestamp, t
 
 def test_resume_from_last_ckpt_reaches_identical_parameters(tmp_path, fixed_timestamp,
                                                             tiny_clip_dir):
-    """4 uninterrupted steps == 2 steps, stop, resume from last.ckpt, 2 more (epochs of 2).
+    """6 uninterrupted steps == stop mid-epoch at 2, resume, stop mid-epoch at 5, resume to 6.
 
-    Exact at epoch boundaries: mid-epoch, Lightning restarts the epoch's data order.
+    Epochs of 4 batches with random crops, flips and caption dropout: the resumed runs must see
+    the same samples with the same random choices and the same diffusion noise.
     """
-    cfg = tiny_config(tmp_path, tiny_clip_dir, n_patches=8)
+    cfg = tiny_config(tmp_path, tiny_clip_dir, n_patches=16)
     common = ["--base", str(cfg), "-t", "--accelerator", "cpu",
               "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.modelcheckpoint.params.every_n_train_steps=3"]
-    assert main.main([*common, "-l", str(tmp_path / "a"), "lightning.trainer.max_steps=4"]) == 0
+    assert main.main([*common, "-l", str(tmp_path / "a"), "lightning.trainer.max_steps=6"]) == 0
     assert main.main([*common, "-l", str(tmp_path / "b"), "lightning.trainer.max_steps=2"]) == 0
     run_b = tmp_path / "b" / f"{fixed_timestamp}_tiny"
-    assert _load(run_b / "checkpoints" / "last.ckpt")["global_step"] == 2
-    assert main.main(["-r", str(run_b), "-t", "--accelerator", "cpu",
-                      "lightning.trainer.max_steps=4"]) == 0
+    last_b = run_b / "checkpoints" / "last.ckpt"
+    assert _load(last_b)["global_step"] == 2
+    assert _load(last_b)["TCGAPatchData"] == {"epoch": 0, "batches": 2}
+    for steps in (5, 6):
+        assert main.main(["-r", str(run_b), "-t", "--accelerator", "cpu",
+                          f"lightning.trainer.max_steps={steps}"]) == 0
     a = _load(tmp_path / "a" / f"{fixed_timestamp}_tiny" / "checkpoints" / "last.ckpt")
-    b = _load(run_b / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == 4
+    b = _load(last_b)
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["TCGAPatchData"] == b["TCGAPatchData"] == {"epoch": 1, "batches": 2}
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k  # U-Net, EMA shadow and num_updates

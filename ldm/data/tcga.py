@@ -1,9 +1,11 @@
 """TCGA patch dataset and datamodule over the data_prep training stores (docs/data_format.md §3).
 
 Every random choice of a sample (crop, flips, summary, classifier-free-guidance dropout) comes from
-a per-sample generator seeded with ``(seed, index, one draw from the process's torch RNG)``: the
-torch draw makes epochs differ and follows Lightning's seeding of the main process and of every
-worker, so runs are reproducible and a resumed run continues with the same stream.
+a per-sample generator. The training loader asks for ``(epoch, index)`` keys
+(:class:`~ldm.data.sampling.EpochSampler`) and the generator is seeded with ``(seed, index,
+epoch)``: the same in every worker layout and after a mid-epoch resume. A bare index (any other
+loader) seeds it with ``(seed, index, one draw from the process's torch RNG)``, which still makes
+epochs differ and follows Lightning's seeding of the main process and of every worker.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.captions import UNCONDITIONAL_CLASS, caption_from_levels, level_name, prob_to_level
+from ldm.data.sampling import EpochSampler, SampleKey
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -183,15 +186,20 @@ class TCGAPatchDataset(Dataset):
             self._pid = pid
         return self._images, self._latents
 
-    def sample_rng(self, idx: int) -> np.random.Generator:
-        """The generator of one draw of sample ``idx`` (consumes one torch RNG draw)."""
+    accepts_sample_keys = True  # EpochSampler may pass (epoch, index) keys
+
+    def sample_rng(self, idx: int, epoch: int | None = None) -> np.random.Generator:
+        """The generator of sample ``idx`` in ``epoch`` (None: consumes one torch RNG draw)."""
+        if epoch is not None:
+            return np.random.default_rng([self.seed, int(idx), 1, int(epoch)])
         draw = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return np.random.default_rng([self.seed, int(idx), draw])
 
-    def __getitem__(self, idx: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | SampleKey) -> dict[str, Any]:
+        epoch, idx = key if isinstance(key, tuple) else (None, key)
         if not 0 <= idx < len(self):
             raise IndexError(f"index {idx} out of range for {len(self)} patches")
-        rng = self.sample_rng(idx)
+        rng = self.sample_rng(idx, epoch)
         # fixed draw order, independent of the sample's content
         u_drop, u_hflip, u_vflip, u_x, u_y, u_summary, u_slide = rng.random(7)
         hflip = self.flip and u_hflip < 0.5
@@ -268,6 +276,11 @@ def _build_dataset(cfg: Mapping[str, Any] | None) -> Dataset | None:
     return TCGAPatchDataset(**cfg)
 
 
+def _global_seed() -> int:
+    """The seed ``seed_everything`` set (Lightning's own distributed sampler uses it too)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
 class TCGAPatchData(pl.LightningDataModule):
     """Train/validation/test loaders over TCGA patch stores.
 
@@ -291,6 +304,7 @@ class TCGAPatchData(pl.LightningDataModule):
         self.drop_last = drop_last
         self.configs = {"train": train, "validation": validation, "test": test}
         self.datasets: dict[str, Dataset] = {}
+        self._resume: tuple[int, int] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (cheap: metadata only; images are read lazily)."""
@@ -310,12 +324,36 @@ class TCGAPatchData(pl.LightningDataModule):
             trainer = getattr(self, "trainer", None)
             accelerator = getattr(trainer, "accelerator", None)
             pin = type(accelerator).__name__ == "CUDAAccelerator"
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+        dataset = self.datasets[split]
+        sampler = None
+        if shuffle:  # training: resumable order, per-sample randomness keyed by (epoch, index)
+            sampler = EpochSampler(dataset, shuffle=True, seed=_global_seed(),
+                                   keyed=getattr(dataset, "accepts_sample_keys", False))
+            if self._resume is not None:
+                epoch, batches = self._resume
+                sampler.resume(epoch, batches * self.batch_size)
+                self._resume = None
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.persistent_workers,
                           pin_memory=pin, drop_last=self.drop_last and shuffle)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the training data (epoch, batches of it done), saved in checkpoints."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epoch, batches = int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_idx) + 1
+        if batches >= trainer.num_training_batches:  # saved at the end of an epoch
+            epoch, batches = epoch + 1, 0
+        return {"epoch": epoch, "batches": batches}
+
+    def load_state_dict(self, state_dict: Mapping[str, int]) -> None:
+        """Continue the training data where a checkpoint left it (the next train loader)."""
+        if state_dict:
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("validation", shuffle=False)
