@@ -31,7 +31,10 @@ def setup_logging(level: str = "INFO") -> None:
     """Configure root logging for a CLI run (idempotent); HTTP client loggers stay at WARNING."""
     root = logging.getLogger()
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+    # a handler of logging.basicConfig (a calling script's) already prints: adding ours would
+    # print every line twice
+    if not any(isinstance(h, _StderrHandler) or type(h) is logging.StreamHandler
+               for h in root.handlers):
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
