@@ -256,18 +256,24 @@ def _no_cuda_hint(available: int) -> str:
 
 # ----------------------------------------------------------------------------- pre-flight
 _HINTS = (
+    ("outputs/demo/", "python scripts/demo.py writes it (or run its steps: see configs/demo/)"),
     ("cin256-v2", "download the CompVis class-conditional ImageNet LDM: mkdir -p "
      "models/ldm/cin256-v2 && wget -O models/ldm/cin256-v2/model.ckpt "
      "https://ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt"),
-    ("tcga", "fine-tune the CompVis first stage on your patches first (see "
-     "configs/autoencoder/) or use the PathLDM release (README: Pretrained models)"),
-    ("first_stage_models/vq-f4", "download https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
+    ("first_stage_models/vq-f4/", "download https://ommer-lab.com/files/latent-diffusion/vq-f4.zip "
      "and unzip it into models/first_stage_models/vq-f4/"),
-    ("first_stage_models/vq-f8", "download https://ommer-lab.com/files/latent-diffusion/vq-f8.zip "
+    ("first_stage_models/vq-f8/", "download https://ommer-lab.com/files/latent-diffusion/vq-f8.zip "
      "and unzip it into models/first_stage_models/vq-f8/"),
+    ("first_stage_models/kl-f8/", "download https://ommer-lab.com/files/latent-diffusion/kl-f8.zip "
+     "and unzip it into models/first_stage_models/kl-f8/"),
     ("stable-diffusion", "download sd-v1-4.ckpt from "
      "https://huggingface.co/CompVis/stable-diffusion-v-1-4-original"),
-    (".h5", "build the training stores with data_prep (python -m data_prep.build_dataset --help)"),
+    (".h5", "build the training stores with data_prep (README, step 1; "
+     "python -m data_prep.build_dataset --help)"),
+    ("vq-f8-tcga", "fine-tune the CompVis vq-f8 on your patches first (README, step 2, with "
+     "configs/autoencoder/vq_f8_finetune.yaml)"),
+    ("first_stage_models/", "fine-tune the CompVis first stage on your patches first (README, "
+     "step 2: python main.py --base configs/autoencoder/vq_f4_finetune.yaml -t)"),
 )
 _PATH_KEY = re.compile(r"(^|_)(path|root)$")
 

@@ -177,7 +177,11 @@ def test_pathldm_without_weights_or_gpus_fails_fast():
     if torch.cuda.device_count() < 3:
         positions.append(err.index("--gpus 0,1,2 asks for CUDA device(s) 0, 1, 2"))
     assert positions == sorted(positions)
-    assert "ommer-lab.com/files/latent-diffusion/nitro/cin/model.ckpt" in err
+    lines = {line.split(":")[0].strip(" -"): line for line in err.splitlines()}
+    assert "nitro/cin/model.ckpt" in lines["model.params.unet_config.params.ckpt_path"]
+    assert "vq_f4_finetune.yaml" in lines["model.params.first_stage_config.params.ckpt_path"]
+    assert "data_prep.build_dataset" in lines["data.params.train.path"]
+    assert "data_prep.build_dataset" in lines["data.params.validation.path"]
     assert time.time() - start < 60
 
 
