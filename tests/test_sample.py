@@ -15,6 +15,8 @@ from scripts_loader import load_script
 from tcga_store import random_store
 from tiny_ldm import build_tiny_model, save_checkpoint, tiny_model_config
 
+from ldm.evaluation.images import list_image_files
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -72,6 +74,8 @@ def test_sample_text_model(run_dir, tmp_path, capsys):
     assert len({r["seed"] for r in saved["images"]}) == 4
     assert all((r["tumor"], r["til"]) == ("high", "low") for r in saved["images"])
     assert len({img.tobytes() for img in a.values()}) == 4
+    # FID on this folder reads the samples, not the grid
+    assert [p.name for p in list_image_files(tmp_path / "a")] == sorted(a)
 
     sample.main([*common, "--batch-size", "1", "--outdir", str(tmp_path / "b")])
     b = pngs(tmp_path / "b")

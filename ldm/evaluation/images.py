@@ -24,11 +24,31 @@ PilTransform = Callable[[Image.Image], Image.Image]
 
 
 def list_image_files(folder: str | Path) -> list[Path]:
-    """Images directly inside ``folder``, selected and ordered as pytorch-fid does."""
+    """Images directly inside ``folder``, selected and ordered as pytorch-fid does.
+
+    The one exception: the grid that ``scripts/sample.py`` writes next to its samples (named by
+    the folder's ``metadata.json``) is not a sample and is left out.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
-    return sorted(f for ext in IMAGE_EXTENSIONS for f in folder.glob(f"*.{ext}"))
+    files = sorted(f for ext in IMAGE_EXTENSIONS for f in folder.glob(f"*.{ext}"))
+    grid = _sample_grid(folder)
+    if grid is not None and grid in files:
+        logger.info("%s: leaving out %s, the grid of the samples (metadata.json)", folder,
+                    grid.name)
+        files.remove(grid)
+    return files
+
+
+def _sample_grid(folder: Path) -> Path | None:
+    """The grid image a sample.py ``metadata.json`` in ``folder`` names, if any."""
+    try:
+        meta = json.loads((folder / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return None
+    grid = meta.get("grid") if isinstance(meta, dict) else None
+    return folder / grid if isinstance(grid, str) and "/" not in grid else None
 
 
 def is_store(path: str | Path) -> bool:
