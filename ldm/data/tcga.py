@@ -50,7 +50,8 @@ class TCGAPatchDataset(Dataset):
 
     Items are dicts: ``image`` float32 ``(size, size, 3)`` in [-1, 1], ``caption`` (str),
     ``class_label`` (int, 0-3, or 4 = unconditional) and, with ``latents_path``, ``latent``
-    (the cached pre-quantization first-stage latent of the same crop and flips).
+    (the cached pre-quantization first-stage latent of the same crop and flips). Indexed by
+    ``i`` or by an ``(epoch, i)`` key, which fixes the sample's random choices (module docstring).
 
     Args:
         path: ``train.h5`` / ``test.h5`` written by ``data_prep/build_dataset.py``.
@@ -68,6 +69,8 @@ class TCGAPatchDataset(Dataset):
         seed: dataset seed mixed into every per-sample generator.
         latents_path: optional store of cached first-stage latents (``scripts/cache_latents.py``).
     """
+
+    accepts_sample_keys = True  # EpochSampler may pass (epoch, index) keys
 
     def __init__(self, path: str | Path, size: int = 256, random_crop: bool = True,
                  flip: bool = True, p_uncond: float = 0.0, summary_mode: str = "first",
@@ -185,8 +188,6 @@ class TCGAPatchDataset(Dataset):
                 self._latents = self._latent_file["latents"]
             self._pid = pid
         return self._images, self._latents
-
-    accepts_sample_keys = True  # EpochSampler may pass (epoch, index) keys
 
     def sample_rng(self, idx: int, epoch: int | None = None) -> np.random.Generator:
         """The generator of sample ``idx`` in ``epoch`` (None: consumes one torch RNG draw)."""
