@@ -296,5 +296,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_clip_dir):
     ckpt = _load(runs[0] / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 2
     assert ckpt["config"]["lightning"]["run"]["world_size"] == 2
+    # 8 patches sharded over 2 ranks in batches of 4: one batch per epoch, so 2 steps = 2 epochs
+    assert ckpt["TCGAPatchData"] == {"epoch": 2, "batches": 0}
     assert "distributed_backend=gloo" in proc.stderr + proc.stdout
     assert any((runs[0] / "images" / "train").glob("samples_gs-000002_*.png"))
