@@ -107,12 +107,6 @@ class VQModel(FirstStageBase):
         return self.loss(qloss, x, xrec, optimizer_idx, self.loss_step,
                          last_layer=self.get_last_layer(), split=split, predicted_indices=ind)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        x = self.get_input(batch, self.image_key)
-        out = self._reconstruct(x)
-        return self._adversarial_update(lambda: self._loss_call(x, out, 0, "train"),
-                                        lambda: self._loss_call(x, out, 1, "train"))
-
     def _ae_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.decoder.parameters(),
                 *self.quantize.parameters(), *self.quant_conv.parameters(),
@@ -227,12 +221,6 @@ class AutoencoderKL(FirstStageBase):
         xrec, posterior = out
         return self.loss(x, xrec, posterior, optimizer_idx, self.loss_step,
                          last_layer=self.get_last_layer(), split=split)
-
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        x = self.get_input(batch, self.image_key)
-        out = self._reconstruct(x)
-        return self._adversarial_update(lambda: self._loss_call(x, out, 0, "train"),
-                                        lambda: self._loss_call(x, out, 1, "train"))
 
     def _ae_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.parameters(), *self.decoder.parameters(),

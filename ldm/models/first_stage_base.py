@@ -7,7 +7,7 @@ manual optimization.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,6 @@ from ldm.util import LoadReport, instantiate_from_config, load_checkpoint_into, 
 
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[], tuple[Tensor, dict[str, Tensor]]]
 # keys of training-only state that an inference model (Identity loss, no EMA) may skip
 _OPTIONAL_PREFIXES = ("loss.", "model_ema.")
 _LDM_PREFIX = "first_stage_model."
@@ -160,11 +159,13 @@ class FirstStageBase(pl.LightningModule):
                        "interval": "step", "frequency": 1} for o in (opt_ae, opt_disc)]
         return [opt_ae, opt_disc], schedulers
 
-    def _adversarial_update(self, ae_loss: LossFn, disc_loss: LossFn) -> Tensor:
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """Autoencoder step, then discriminator step, on one batch (one forward pass)."""
+        x = self.get_input(batch, self.image_key)
+        out = self._reconstruct(x)
         opt_ae, opt_disc = self.optimizers()
         self.toggle_optimizer(opt_ae)  # no generator-loss gradients into the discriminator
-        aeloss, log_ae = ae_loss()
+        aeloss, log_ae = self._loss_call(x, out, 0, "train")
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(aeloss)
         opt_ae.step()
@@ -175,7 +176,7 @@ class FirstStageBase(pl.LightningModule):
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)
-        discloss, log_disc = disc_loss()
+        discloss, log_disc = self._loss_call(x, out, 1, "train")
         opt_disc.zero_grad(set_to_none=True)
         self.manual_backward(discloss)
         opt_disc.step()
