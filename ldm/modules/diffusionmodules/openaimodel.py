@@ -180,6 +180,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(-1, -2).reshape(b, h * c, t)
 
 
+def _head_channels(width: int, n_heads: int) -> int:
+    """Channels per head of a fused ``(B, 3*H*C, T)`` qkv tensor."""
+    if width % (3 * n_heads):
+        raise ValueError(f"qkv width {width} not divisible by 3*{n_heads} heads")
+    return width // (3 * n_heads)
+
+
 class QKVAttentionLegacy(nn.Module):
     """QKV attention with heads split *before* q/k/v: input ``(B, H*3*C, T)``."""
 
@@ -189,9 +196,7 @@ class QKVAttentionLegacy(nn.Module):
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"qkv width {width} not divisible by 3*{self.n_heads} heads")
-        ch = width // (3 * self.n_heads)
+        ch = _head_channels(width, self.n_heads)
         # One transposed copy gives fused kernels unit-stride head dims.
         qkv = qkv.reshape(bs, self.n_heads, 3 * ch, length).transpose(-1, -2).contiguous()
         return _attend(*qkv.split(ch, dim=-1))
@@ -206,9 +211,7 @@ class QKVAttention(nn.Module):
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
-        if width % (3 * self.n_heads):
-            raise ValueError(f"qkv width {width} not divisible by 3*{self.n_heads} heads")
-        ch = width // (3 * self.n_heads)
+        ch = _head_channels(width, self.n_heads)
         qkv = qkv.reshape(bs, 3, self.n_heads, ch, length).transpose(-1, -2).contiguous()
         return _attend(*qkv.unbind(1))
 
