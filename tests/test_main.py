@@ -9,6 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from tcga_store import random_store
+from tiny_ldm import tiny_model_config
 
 import main
 from ldm.trainer_setup import (
@@ -28,39 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_config(tmp_path: Path, text_dir: Path, n_patches: int = 8, **trainer) -> Path:
     """A LatentDiffusion small enough to train on CPU in seconds (text-conditioned, with EMA)."""
     store = random_store(tmp_path / "train.h5", n=n_patches, tile=24, n_slides=2)
+    model = tiny_model_config(text_dir, use_ema=True)
+    model["params"]["monitor"] = "val/loss"
+    model["params"]["scheduler_config"] = {
+        "target": "ldm.lr_scheduler.LambdaLinearScheduler",
+        "params": {"warm_up_steps": [3], "cycle_lengths": [10**13], "f_start": [0.1],
+                   "f_max": [1.0], "f_min": [1.0]}}
+    model["params"]["unet_config"]["params"]["use_checkpoint"] = True
     cfg = {
-        "model": {
-            "base_learning_rate": 1.0e-3,
-            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-            "params": {
-                "linear_start": 0.0015, "linear_end": 0.0195, "timesteps": 1000,
-                "first_stage_key": "image", "cond_stage_key": "caption", "image_size": 8,
-                "channels": 3, "conditioning_key": "crossattn", "cond_stage_trainable": False,
-                "use_ema": True, "monitor": "val/loss",
-                "scheduler_config": {"target": "ldm.lr_scheduler.LambdaLinearScheduler",
-                                     "params": {"warm_up_steps": [3], "cycle_lengths": [10**13],
-                                                "f_start": [0.1], "f_max": [1.0],
-                                                "f_min": [1.0]}},
-                "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-                                "params": {"image_size": 8, "in_channels": 3, "out_channels": 3,
-                                           "model_channels": 32, "attention_resolutions": [2],
-                                           "num_res_blocks": 1, "channel_mult": [1, 2],
-                                           "num_heads": 2, "use_spatial_transformer": True,
-                                           "transformer_depth": 1, "context_dim": 32,
-                                           "use_checkpoint": True, "legacy": False}},
-                "first_stage_config": {
-                    "target": "ldm.models.autoencoder.VQModelInterface",
-                    "params": {"embed_dim": 3, "n_embed": 16,
-                               "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 16,
-                                            "in_channels": 3, "out_ch": 3, "ch": 32,
-                                            "ch_mult": [1, 1], "num_res_blocks": 1,
-                                            "attn_resolutions": [], "dropout": 0.0},
-                               "lossconfig": {"target": "torch.nn.Identity"}}},
-                "cond_stage_config": {
-                    "target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
-                    "params": {"version": str(text_dir), "max_length": 154}},
-            },
-        },
+        "model": model,
         "data": {"target": "ldm.data.tcga.TCGAPatchData",
                  "params": {"batch_size": 4, "num_workers": 0,
                             "train": {"path": str(store), "size": 16, "p_uncond": 0.25}}},
