@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 from ldm.evaluation.cli import (  # noqa: E402
+    add_checkpoint_args,
     configure_logging,
     format_table,
     parse_shard,
@@ -81,12 +82,7 @@ def _add_inception_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-s
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and sampling")
-    g.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) or run directory logs/<run>/")
-    g.add_argument("--config", nargs="+", default=None,
-                   help="model config YAML(s), merged in order (default: embedded in the "
-                        "checkpoint or the run directory's configs/*-project.yaml)")
-    g.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
-                   help="EMA weights (auto: when present)")
+    add_checkpoint_args(g)
     g.add_argument("--steps", type=int, default=50, help="DDIM steps")
     g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     g.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")

@@ -24,7 +24,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ldm.evaluation.cli import configure_logging, resolve_device, run_main  # noqa: E402
+from ldm.evaluation.cli import (  # noqa: E402
+    add_checkpoint_args,
+    configure_logging,
+    resolve_device,
+    run_main,
+)
 
 logger = logging.getLogger("sample")
 
@@ -54,12 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--class-label", type=int, action="append", default=[],
                    help="class-conditional models: label 0-3 (repeatable)")
     m = p.add_argument_group("model")
-    m.add_argument("--ckpt", required=True, help="checkpoint (.ckpt) or run directory logs/<run>/")
-    m.add_argument("--config", nargs="+", default=None,
-                   help="model config YAML(s) (default: embedded in the checkpoint or the run "
-                        "directory's configs/*-project.yaml; needed for released checkpoints)")
-    m.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
-                   help="EMA or raw weights (auto: EMA when the checkpoint has them)")
+    add_checkpoint_args(m)
     s = p.add_argument_group("sampling")
     s.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic)")

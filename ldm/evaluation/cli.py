@@ -18,12 +18,25 @@ def configure_logging(verbose: bool = False) -> None:
                         datefmt="%H:%M:%S", force=True)
 
 
+def add_checkpoint_args(group: Any) -> None:
+    """``--ckpt``, ``--config`` and ``--weights``: which trained model to load, and how."""
+    group.add_argument("--ckpt", required=True,
+                       help="checkpoint (.ckpt) or run directory logs/<run>/")
+    group.add_argument("--config", nargs="+", default=None,
+                       help="model config YAML(s), merged in order (default: embedded in the "
+                            "checkpoint or the run directory's configs/*-project.yaml; needed "
+                            "for released checkpoints)")
+    group.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
+                       help="EMA or raw weights (auto: EMA when the checkpoint has them)")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks the available accelerator (else CPU); anything else is checked to exist."""
     if name == "auto":
-        if torch.accelerator.is_available():
-            return torch.accelerator.current_accelerator()
-        return torch.device("cpu")
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        if accelerator is not None and accelerator.is_available():
+            return accelerator.current_accelerator()
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type != "cpu":
         module = getattr(torch, device.type, None)
