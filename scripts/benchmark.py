@@ -22,11 +22,13 @@ checkout of cvlab-stonybrook/PathLDM or CompVis/latent-diffusion, put first on s
 ldm.modules.diffusionmodules.openaimodel.UNetModel is built with the same parameters, trained
 with its own loss and ``torch.optim.AdamW(params, lr=lr)``, and called inside
 ``torch.cuda.amp.autocast()`` exactly as its LatentDiffusion.apply_model does (float16 on CUDA,
-a no-op on CPU).
+a no-op on CPU). Its backward runs under that same autocast: the original CheckpointFunction
+recomputes the transformer blocks without restoring autocast and fails on mixed dtypes otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -151,8 +153,6 @@ class _Probe:
 
 
 def _autocast(spec: dict, device: Any):
-    import contextlib
-
     import torch
 
     if spec["precision"] == "bf16":
@@ -230,6 +230,21 @@ class _Reference:
         with torch.cuda.amp.autocast():  # as the original apply_model: fp16 on CUDA
             return self.unet(x, t, context=torch.cat([c], 1))
 
+    def backward_autocast(self, spec: dict, device: Any):
+        """The autocast the original's backward has to run under.
+
+        Its ``CheckpointFunction`` recomputes each transformer block in backward without
+        restoring autocast, so a backward outside autocast feeds the half-precision block
+        inputs saved in forward to float32 weights and fails. Backward under the forward's
+        autocast (fp16 from ``apply_model`` on CUDA) recomputes in the forward's precision,
+        as ours does and as later CompVis-derived code restores it.
+        """
+        import torch
+
+        if device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return _autocast(spec, device)
+
     def loss(self, z, c):
         """The original LatentDiffusion.forward + p_losses (eps, l2) at random timesteps."""
         import torch
@@ -261,10 +276,12 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         model, opt = _ours(spec, device)
         model.train()
         loss_fn = lambda z, c: model(z, c)[0]  # noqa: E731  (LatentDiffusion.forward)
+        backward_ctx = contextlib.nullcontext  # non-reentrant checkpoint restores autocast
     else:
         ref = _Reference(spec, device)
         model, opt, loss_fn = ref.unet, ref.opt, ref.loss
         model.train()
+        backward_ctx = lambda: ref.backward_autocast(spec, device)  # noqa: E731
     x = _inputs(spec, device)
     baseline = probe.reset()
     times = []
@@ -273,7 +290,8 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         start = time.perf_counter()
         with _autocast(spec, device):
             loss = loss_fn(x["z"], x["c"])
-        loss.backward()
+        with backward_ctx():
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         probe.sync()

@@ -99,3 +99,14 @@ def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
     assert "<!-- benchmark:cpu-b2-fp32 -->" in text
     assert "| DDIM 2 steps, guided, DDIMSampler: time | - |" in text
     assert str(REPO) not in text  # the reference path is not written into the report
+
+
+def test_reference_recomputing_without_autocast_trains_under_bf16(bench, tmp_path, capsys):
+    """The original's CheckpointFunction drops autocast in backward; the harness must cope."""
+    reference = REPO / "tests" / "fixtures" / "compvis_checkpoint_reference"
+    results = bench.main([
+        "--config", str(_tiny_config(tmp_path / "tiny.yaml")), "--device", "cpu",
+        "--precision", "bf16", "--measure", "train", "--steps", "1", "--warmup", "0",
+        "--context-tokens", "4", "--reference-src", str(reference)])
+    assert set(results) == {("ours", "train"), ("reference", "train")}
+    assert all(r["times"] for r in results.values())
