@@ -101,7 +101,7 @@ def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
     assert str(REPO) not in text  # the reference path is not written into the report
 
 
-def test_reference_recomputing_without_autocast_trains_under_bf16(bench, tmp_path, capsys):
+def test_reference_recomputing_without_autocast_trains_under_bf16(bench, tmp_path):
     """The original's CheckpointFunction drops autocast in backward; the harness must cope."""
     reference = REPO / "tests" / "fixtures" / "compvis_checkpoint_reference"
     results = bench.main([
