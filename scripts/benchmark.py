@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -281,7 +282,7 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         ref = _Reference(spec, device)
         model, opt, loss_fn = ref.unet, ref.opt, ref.loss
         model.train()
-        backward_ctx = lambda: ref.backward_autocast(spec, device)  # noqa: E731
+        backward_ctx = functools.partial(ref.backward_autocast, spec, device)
     x = _inputs(spec, device)
     baseline = probe.reset()
     times = []
