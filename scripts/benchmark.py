@@ -7,15 +7,18 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
 
   train    one training step as LatentDiffusion does it (noise the latents at random t, predict
            eps, MSE, backward, optimizer step, zero_grad), with the model's own forward and
-           configure_optimizers; median seconds over --steps after --warmup steps.
+           configure_optimizers; median seconds over --steps after --warmup steps. The first
+           warm-up step also counts the step's convolution and matrix-multiply FLOPs
+           (attention left out), the same work in both implementations, and the report gives
+           the rate they run at over the median step time.
   sample   DDIM (--ddim-steps, eta 0) with classifier-free guidance (--scale, cond and uncond
            batched as one forward) through the project's DDIMSampler.
-  denoise  the same guided DDIM loop written out here around the bare denoiser call, so the
+  denoise  the same guided DDIM loop written out around the bare denoiser call, so the
            original implementation (whose DDIMSampler needs CUDA) is timed identically.
 
-Each measurement runs in a fresh subprocess. Memory: on CUDA the peak of
-torch.cuda.max_memory_allocated; on CPU the peak resident set size (VmHWM) and its increase
-over the same process right after setup (model, optimizer and inputs built).
+Each measurement runs in a fresh subprocess (scripts/benchmark_worker.py). Memory: on CUDA the
+peak of torch.cuda.max_memory_allocated; on CPU the peak resident set size (VmHWM) and its
+increase over the same process right after setup (model, optimizer and inputs built).
 
 --reference-src DIR runs the same measurements on the original implementation: DIR is a
 checkout of cvlab-stonybrook/PathLDM or CompVis/latent-diffusion, put first on sys.path; its
@@ -28,9 +31,7 @@ recomputes the transformer blocks without restoring autocast and fails on mixed 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import json
 import logging
 import os
@@ -39,15 +40,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-# torch and ldm are imported inside functions: a reference worker must import `ldm` from
-# --reference-src, never from this repository.
 REPO = Path(__file__).resolve().parents[1]
+# Measurements run in this script, each in a fresh interpreter, so the original's `ldm` package
+# never meets ours in one process.
+WORKER = Path(__file__).resolve().with_name("benchmark_worker.py")
 logger = logging.getLogger("benchmark")
 
 EXAMPLES = """examples:
@@ -99,310 +100,12 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------- worker
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process.
-
-    Linux's ``VmHWM`` belongs to this process image; ``ru_maxrss`` survives ``exec`` and would
-    report the (larger) parent's peak for a worker started from a big process such as pytest.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-class _Probe:
-    """Peak memory of this process: CUDA allocator peak, or the resident set size on CPU."""
-
-    def __init__(self, device: Any) -> None:
-        import torch
-
-        self.torch, self.device = torch, device
-
-    def current(self) -> int:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.memory_allocated(self.device)
-        return _peak_rss_bytes()
-
-    def reset(self) -> int:
-        """Start peak tracking here; returns the baseline."""
-        import gc
-
-        gc.collect()
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        return self.current()
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.max_memory_allocated(self.device)
-        return self.current()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-
-
-def _autocast(spec: dict, device: Any):
-    import torch
-
-    if spec["precision"] == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _inputs(spec: dict, device: Any) -> dict[str, Any]:
-    import torch
-
-    gen = torch.Generator().manual_seed(spec["seed"])
-    b = spec["batch"]
-    rand = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
-    return {"z": rand(b, *spec["latent"]), "c": rand(b, *spec["context"]),
-            "uc": rand(b, *spec["context"]), "x_T": rand(b, *spec["latent"])}
-
-
-def _ours(spec: dict, device: Any):
-    """Our LatentDiffusion (frozen stages replaced by Identity) and its optimizer."""
-    import torch
-
-    from ldm.util import instantiate_from_config
-
-    model = instantiate_from_config({"target": spec["target"], "params": spec["params"]})
-    model = model.to(device)
-    opt = model.configure_optimizers()
-    if isinstance(opt, (list, tuple)):  # ([opt], [scheduler]) when a scheduler is configured
-        opt = opt[0][0] if isinstance(opt[0], (list, tuple)) else opt[0]
-    if spec["optimizer"] != "configured":
-        keep = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
-        groups = [{k: v for k, v in g.items() if k in keep + ("params",)}
-                  for g in opt.param_groups]
-        fused = spec["optimizer"] == "fused"
-        opt = torch.optim.AdamW(groups, fused=fused, foreach=None if fused else False)
-    return model, opt
-
-
-class _Reference:
-    """The original U-Net with the original LatentDiffusion's loss and denoiser call."""
-
-    def __init__(self, spec: dict, device: Any) -> None:
-        import inspect
-
-        import numpy as np
-        import torch
-
-        from ldm.modules.diffusionmodules.openaimodel import UNetModel  # from reference_src
-
-        accepted = inspect.signature(UNetModel.__init__).parameters
-        dropped = sorted(k for k in spec["unet"] if k not in accepted)
-        if dropped:
-            logger.warning("reference UNetModel does not take %s; dropped", dropped)
-        self.unet = UNetModel(**{k: v for k, v in spec["unet"].items() if k in accepted})
-        self.unet = self.unet.to(device)
-        p = spec["params"]
-        betas = _linear_betas(p.get("linear_start", 1e-4), p.get("linear_end", 2e-2),
-                              p.get("timesteps", 1000))
-        ac = np.cumprod(1.0 - betas)
-        ac_prev = np.append(1.0, ac[:-1])
-        post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-        f32 = lambda a: torch.tensor(a, dtype=torch.float32, device=device)  # noqa: E731
-        self.sqrt_ac, self.sqrt_1m_ac = f32(np.sqrt(ac)), f32(np.sqrt(1.0 - ac))
-        lvlb = f32(betas) ** 2 / (2 * f32(post_var) * f32(1.0 - betas) * (1 - f32(ac)))
-        lvlb[0] = lvlb[1]
-        self.lvlb_weights = lvlb
-        self.logvar = torch.full((len(betas),), float(p.get("logvar_init", 0.0)), device=device)
-        self.num_timesteps = len(betas)
-        self.elbo_weight = float(p.get("original_elbo_weight", 0.0))
-        self.simple_weight = float(p.get("l_simple_weight", 1.0))
-        self.opt = torch.optim.AdamW(list(self.unet.parameters()), lr=spec["lr"])
-
-    def apply_model(self, x, t, c):
-        import torch
-
-        with torch.cuda.amp.autocast():  # as the original apply_model: fp16 on CUDA
-            return self.unet(x, t, context=torch.cat([c], 1))
-
-    def backward_autocast(self, spec: dict, device: Any):
-        """The autocast the original's backward has to run under.
-
-        Its ``CheckpointFunction`` recomputes each transformer block in backward without
-        restoring autocast, so a backward outside autocast feeds the half-precision block
-        inputs saved in forward to float32 weights and fails. Backward under the forward's
-        autocast (fp16 from ``apply_model`` on CUDA) recomputes in the forward's precision,
-        as ours does and as later CompVis-derived code restores it.
-        """
-        import torch
-
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return _autocast(spec, device)
-
-    def loss(self, z, c):
-        """The original LatentDiffusion.forward + p_losses (eps, l2) at random timesteps."""
-        import torch
-        import torch.nn.functional as F
-
-        b = z.shape[0]
-        t = torch.randint(0, self.num_timesteps, (b,), device=z.device).long()
-        noise = torch.randn_like(z)
-        view = (b, 1, 1, 1)
-        x_noisy = (self.sqrt_ac.gather(-1, t).reshape(view) * z
-                   + self.sqrt_1m_ac.gather(-1, t).reshape(view) * noise)
-        out = self.apply_model(x_noisy, t, c)
-        loss_simple = F.mse_loss(noise, out, reduction="none").mean([1, 2, 3])
-        logvar_t = self.logvar[t]
-        loss = self.simple_weight * (loss_simple / torch.exp(logvar_t) + logvar_t).mean()
-        loss_vlb = F.mse_loss(noise, out, reduction="none").mean(dim=(1, 2, 3))
-        return loss + self.elbo_weight * (self.lvlb_weights[t] * loss_vlb).mean()
-
-
-def _linear_betas(start: float, end: float, n: int):
-    import numpy as np
-
-    return np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
-
-
-def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
-    """Median-able step times of forward + loss + backward + optimizer step + zero_grad."""
-    if impl == "ours":
-        model, opt = _ours(spec, device)
-        model.train()
-        loss_fn = lambda z, c: model(z, c)[0]  # noqa: E731  (LatentDiffusion.forward)
-        backward_ctx = contextlib.nullcontext  # non-reentrant checkpoint restores autocast
-    else:
-        ref = _Reference(spec, device)
-        model, opt, loss_fn = ref.unet, ref.opt, ref.loss
-        model.train()
-        backward_ctx = functools.partial(ref.backward_autocast, spec, device)
-    x = _inputs(spec, device)
-    baseline = probe.reset()
-    times = []
-    for i in range(spec["warmup"] + spec["steps"]):
-        probe.sync()
-        start = time.perf_counter()
-        with _autocast(spec, device):
-            loss = loss_fn(x["z"], x["c"])
-        with backward_ctx():
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        probe.sync()
-        times.append(time.perf_counter() - start)
-        logger.info("%s train step %d/%d: %.3f s", impl, i + 1,
-                    spec["warmup"] + spec["steps"], times[-1])
-    fused = any(g.get("fused") for g in opt.param_groups)
-    return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": probe.peak(),
-            "note": f"AdamW fused={fused}"}
-
-
-def _guided_ddim(eps_fn, spec: dict, x, c, uc, alphas_cumprod) -> Any:
-    """DDIM (eta 0) with guidance ``e_u + s (e_c - e_u)``, cond/uncond as one batch."""
-    import numpy as np
-    import torch
-
-    n, steps = len(alphas_cumprod), spec["ddim_steps"]
-    ts = np.asarray(list(range(0, n, n // steps))) + 1
-    a = alphas_cumprod[ts]
-    a_prev = np.asarray([alphas_cumprod[0]] + alphas_cumprod[ts[:-1]].tolist())
-    cc = torch.cat([uc, c])
-    for i in reversed(range(len(ts))):
-        t = torch.full((x.shape[0],), int(ts[i]), device=x.device, dtype=torch.long)
-        e_u, e_c = eps_fn(torch.cat([x] * 2), torch.cat([t] * 2), cc).chunk(2)
-        e = (e_u + spec["scale"] * (e_c - e_u)).float()
-        x0 = (x - float(np.sqrt(1 - a[i])) * e) / float(np.sqrt(a[i]))
-        x = float(np.sqrt(a_prev[i])) * x0 + float(np.sqrt(1 - a_prev[i])) * e
-    return x
-
-
-def _sample(spec: dict, impl: str, measure: str, device: Any, probe: _Probe) -> dict[str, Any]:
-    """Seconds for one full guided DDIM run after one warm-up denoiser call."""
-    import numpy as np
-    import torch
-
-    if impl == "ours":
-        model = _ours(spec, device)[0].eval()
-        eps_fn = model.apply_model
-    else:
-        model = _Reference(spec, device)
-        model.unet.eval()
-        eps_fn = model.apply_model
-    x = _inputs(spec, device)
-    p = spec["params"]
-    betas = _linear_betas(p.get("linear_start", 1e-4), p.get("linear_end", 2e-2),
-                          p.get("timesteps", 1000))
-    alphas_cumprod = np.cumprod(1.0 - betas)
-    baseline = probe.reset()
-    times = []
-    with torch.no_grad(), _autocast(spec, device):
-        b = spec["batch"]
-        t = torch.full((2 * b,), 999, device=device, dtype=torch.long)
-        eps_fn(torch.cat([x["x_T"]] * 2), t, torch.cat([x["uc"], x["c"]]))  # warm-up
-        for _ in range(spec["sample_runs"]):
-            probe.sync()
-            start = time.perf_counter()
-            if measure == "sample":
-                from ldm.models.diffusion.ddim import DDIMSampler
-
-                DDIMSampler(model).sample(
-                    S=spec["ddim_steps"], batch_size=b, shape=spec["latent"],
-                    conditioning=x["c"], eta=0.0, unconditional_guidance_scale=spec["scale"],
-                    unconditional_conditioning=x["uc"], x_T=x["x_T"], verbose=False)
-            else:
-                _guided_ddim(eps_fn, spec, x["x_T"], x["c"], x["uc"], alphas_cumprod)
-            probe.sync()
-            times.append(time.perf_counter() - start)
-            logger.info("%s %s: %.2f s", impl, measure, times[-1])
-    return {"times": times, "baseline": baseline, "peak": probe.peak(), "note": ""}
-
-
-def worker_main(argv: Sequence[str]) -> None:
-    """Subprocess entry: ``_worker SPEC.json IMPL MEASURE RESULT.json``."""
-    spec_path, impl, measure, result_path = argv
-    spec = json.loads(Path(spec_path).read_text())
-    _configure_logging(spec["verbose"])
-    if impl == "reference":
-        sys.path.insert(0, spec["reference_src"])
-    else:
-        sys.path.insert(0, str(REPO))
-    import warnings
-
-    import torch
-
-    warnings.filterwarnings("ignore", message=".*torch.cuda.amp.autocast.*")
-    warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
-    if spec["threads"]:
-        torch.set_num_threads(spec["threads"])
-    torch.manual_seed(spec["seed"])
-    device = torch.device(spec["device"])
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    probe = _Probe(device)
-    if measure == "train":
-        result = _train(spec, impl, device, probe)
-    else:
-        result = _sample(spec, impl, measure, device, probe)
-    import ldm
-
-    result["ldm_from"] = str(Path(ldm.__file__).resolve().parent)
-    Path(result_path).write_text(json.dumps(result))
-
-
 # ----------------------------------------------------------------------------- orchestrator
 def run_worker(spec_path: Path, impl: str, measure: str) -> dict[str, Any]:
     """One measurement in a fresh interpreter; raises with the worker's exit status."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = Path(f.name)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "_worker", str(spec_path), impl,
-           measure, str(result_path)]
+    cmd = [sys.executable, str(WORKER), str(spec_path), impl, measure, str(result_path)]
     logger.info("running %s %s", impl, measure)
     try:
         proc = subprocess.run(cmd, check=False)
@@ -448,9 +151,19 @@ def _fmt_mem(r: dict | None, device: str) -> str:
     return f"{r['peak'] / GB:.2f} GiB (+{(r['peak'] - r['baseline']) / GB:.2f})"
 
 
+def _fmt_flops(r: dict | None) -> str:
+    if not r or not r.get("flops"):
+        return "-"
+    rate = r["flops"] / statistics.median(r["times"]) / 1e9
+    return f"{r['flops'] / 1e9:.1f} GFLOP, {rate:.0f} GFLOP/s"
+
+
 def _ratio(ref: dict | None, ours: dict | None, key: str, device: str) -> str:
     if not ref or not ours:
         return "-"
+    if key == "flops":
+        both = ref.get("flops") and ours.get("flops")
+        return f"{ours['flops'] / ref['flops']:.3f}x the work" if both else "-"
     if key == "time":
         return f"{statistics.median(ref['times']) / statistics.median(ours['times']):.2f}x faster"
     if device == "cuda":
@@ -476,6 +189,9 @@ def result_rows(results: dict, spec: dict) -> list[list[str]]:
                      _ratio(ref, ours, "time", dev)])
         rows.append([f"{label}: {mem}", _fmt_mem(ref, dev), _fmt_mem(ours, dev),
                      _ratio(ref, ours, "mem", dev)])
+        if any((r or {}).get("flops") for r in (ref, ours)):  # train with a warm-up step
+            rows.append([f"{label}: conv+matmul FLOPs, rate", _fmt_flops(ref),
+                         _fmt_flops(ours), _ratio(ref, ours, "flops", dev)])
     return rows
 
 
@@ -644,11 +360,8 @@ def _notes(spec: dict, results: dict) -> list[str]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
-        worker_main(sys.argv[2:])
-    else:
-        try:
-            main()
-        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
-            logging.getLogger("benchmark").error("%s: %s", type(e).__name__, e)
-            sys.exit(1)
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        logging.getLogger("benchmark").error("%s: %s", type(e).__name__, e)
+        sys.exit(1)

@@ -10,14 +10,22 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "pathldm.yaml"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("benchmark_script",
-                                                  REPO / "scripts" / "benchmark.py")
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["benchmark_script"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("benchmark_script", REPO / "scripts" / "benchmark.py")
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return _load("benchmark_worker_script", REPO / "scripts" / "benchmark_worker.py")
 
 
 def _spec(bench, *argv):
@@ -82,7 +90,7 @@ def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
     out = tmp_path / "bench.md"
     results = bench.main([
         "--config", str(_tiny_config(tmp_path / "tiny.yaml")), "--device", "cpu",
-        "--steps", "2", "--warmup", "0", "--ddim-steps", "2", "--context-tokens", "4",
+        "--steps", "2", "--warmup", "1", "--ddim-steps", "2", "--context-tokens", "4",
         "--optimizer", "fused", "--reference-src", str(REPO), "--out", str(out)])
     expected = {("ours", "train"), ("reference", "train"), ("ours", "sample"),
                 ("ours", "denoise"), ("reference", "denoise")}
@@ -93,8 +101,11 @@ def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
     assert len(results[("ours", "train")]["times"]) == 2
     assert results[("ours", "train")]["note"] == "AdamW fused=True"
     assert results[("reference", "train")]["note"] == "AdamW fused=False"
+    # Same code on both sides here, so the counted work must agree exactly.
+    assert results[("ours", "train")]["flops"] == results[("reference", "train")]["flops"] > 0
     table = capsys.readouterr().out
     assert "training step (fwd+bwd+AdamW): time" in table and "x faster" in table
+    assert "conv+matmul FLOPs, rate" in table and "1.000x the work" in table
     text = out.read_text()
     assert "<!-- benchmark:cpu-b2-fp32 -->" in text
     assert "| DDIM 2 steps, guided, DDIMSampler: time | - |" in text
@@ -110,3 +121,24 @@ def test_reference_recomputing_without_autocast_trains_under_bf16(bench, tmp_pat
         "--context-tokens", "4", "--reference-src", str(reference)])
     assert set(results) == {("ours", "train"), ("reference", "train")}
     assert all(r["times"] for r in results.values())
+
+
+def test_dense_flops_count_convolutions_and_matmuls_but_not_attention(worker):
+    """Golden count: 2 FLOPs per multiply-add, backward twice the forward, attention left out."""
+    import torch
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1)
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+
+    def step():
+        h = conv(x).flatten(2).transpose(1, 2)  # (2, 25, 8)
+        q = lin(h)  # (2, 25, 16)
+        fused = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        explicit = torch.einsum("bij,bjd->bid", torch.einsum("bid,bjd->bij", q, q).softmax(-1), q)
+        (fused + explicit).sum().backward()  # the original's attention runs as bmm
+
+    conv_fwd = 2 * (2 * 25) * 8 * (4 * 9)
+    lin_fwd = 2 * (2 * 25) * 16 * 8
+    assert worker.dense_flops(step) == 3 * (conv_fwd + lin_fwd)
