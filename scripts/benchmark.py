@@ -7,10 +7,10 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
 
   train    one training step as LatentDiffusion does it (noise the latents at random t, predict
            eps, MSE, backward, optimizer step, zero_grad), with the model's own forward and
-           configure_optimizers; median seconds over --steps after --warmup steps. The first
-           warm-up step also counts the step's convolution and matrix-multiply FLOPs
-           (attention left out), the same work in both implementations, and the report gives
-           the rate they run at over the median step time.
+           configure_optimizers; median seconds over --steps after --warmup steps. One more
+           step after those counts the convolution and matrix-multiply FLOPs (attention left
+           out), work the architecture fixes, and the report gives the rate they run at over
+           the median step time.
   sample   DDIM (--ddim-steps, eta 0) with classifier-free guidance (--scale, cond and uncond
            batched as one forward) through the project's DDIMSampler.
   denoise  the same guided DDIM loop written out around the bare denoiser call, so the
@@ -18,7 +18,8 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
 
 Each measurement runs in a fresh subprocess (scripts/benchmark_worker.py). Memory: on CUDA the
 peak of torch.cuda.max_memory_allocated; on CPU the peak resident set size (VmHWM) and its
-increase over the same process right after setup (model, optimizer and inputs built).
+increase over the resident size right after setup (model, optimizer and inputs built), where the
+peak is reset (Linux).
 
 --reference-src DIR runs the same measurements on the original implementation: DIR is a
 checkout of cvlab-stonybrook/PathLDM or CompVis/latent-diffusion, put first on sys.path; its
@@ -336,9 +337,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(["metric", "original (PathLDM)", "ours", "ours vs original"], rows))
     if args.out:
         notes = _notes(spec, results)
-        command = "python scripts/benchmark.py " + " ".join(
+        # Allocator settings change CPU memory and speed, so they are part of the command.
+        env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+               if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+        command = " ".join(env + ["python scripts/benchmark.py"] + [
             a if a != str(args.reference_src) else "PATH/TO/PathLDM"
-            for a in (sys.argv[1:] if argv is None else argv))
+            for a in (sys.argv[1:] if argv is None else argv)])
         key = args.label or f"{spec['device']}-b{spec['batch']}-{spec['precision']}"
         update_markdown(args.out, key, markdown_section(
             key, rows, spec, command, machine_info(spec), load, notes))

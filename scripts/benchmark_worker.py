@@ -28,22 +28,40 @@ logger = logging.getLogger("benchmark")
 DENSE_OPS = frozenset({"convolution", "convolution_backward", "mm", "addmm"})
 
 
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of Linux's /proc/self/status (``VmRSS``, ``VmHWM``), or None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process.
+    """Peak resident set size of this process (since the last :func:`_reset_peak_rss`).
 
     Linux's ``VmHWM`` belongs to this process image; ``ru_maxrss`` survives ``exec`` and would
     report the (larger) parent's peak for a worker started from a big process such as pytest.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    import resource
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    return kib * 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Set ``VmHWM`` back to the current resident size (Linux); False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class _Probe:
@@ -54,27 +72,32 @@ class _Probe:
 
         self.torch, self.device = torch, device
 
-    def current(self) -> int:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
-            return self.torch.cuda.memory_allocated(self.device)
-        return _peak_rss_bytes()
-
     def reset(self) -> int:
-        """Start peak tracking here; returns the baseline."""
+        """Start peak tracking here; returns the memory in use now, the baseline.
+
+        On CPU the resident peak is reset to the current size, so that a transient peak while
+        building the model is not taken for the baseline; where it cannot be reset (not Linux),
+        the baseline is the peak so far.
+        """
         import gc
 
         gc.collect()
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
             self.torch.cuda.reset_peak_memory_stats(self.device)
-        return self.current()
+            return self.torch.cuda.memory_allocated(self.device)
+        rss = _status_kib("VmRSS")
+        if _reset_peak_rss() and rss is not None:
+            return rss * 1024
+        logger.warning("cannot reset the peak resident size here; the baseline is the peak "
+                       "resident size after setup")
+        return _peak_rss_bytes()
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             self.torch.cuda.synchronize()
             return self.torch.cuda.max_memory_allocated(self.device)
-        return self.current()
+        return _peak_rss_bytes()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -222,20 +245,23 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         opt.zero_grad(set_to_none=True)
 
     baseline = probe.reset()
-    times, flops = [], None
+    times = []
     for i in range(spec["warmup"] + spec["steps"]):
         probe.sync()
         start = time.perf_counter()
-        if i == 0 and spec["warmup"]:  # counted on an untimed step: the counter adds overhead
-            flops = dense_flops(step)
-        else:
-            step()
+        step()
         probe.sync()
         times.append(time.perf_counter() - start)
         logger.info("%s train step %d/%d: %.3f s", impl, i + 1,
                     spec["warmup"] + spec["steps"], times[-1])
+    peak = probe.peak()
+    try:  # one more step, after the measurements: counting costs time and memory
+        flops = dense_flops(step)
+    except RuntimeError as e:  # the counter's module hooks reject some reentrant autograd.grad
+        logger.warning("%s: FLOPs not counted: %s", impl, e)
+        flops = None
     fused = any(g.get("fused") for g in opt.param_groups)
-    return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": probe.peak(),
+    return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": peak,
             "flops": flops, "note": f"AdamW fused={fused}"}
 
 

@@ -142,3 +142,18 @@ def test_dense_flops_count_convolutions_and_matmuls_but_not_attention(worker):
     conv_fwd = 2 * (2 * 25) * 8 * (4 * 9)
     lin_fwd = 2 * (2 * 25) * 16 * 8
     assert worker.dense_flops(step) == 3 * (conv_fwd + lin_fwd)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_cpu_probe_measures_from_the_resident_size_not_an_earlier_peak(worker):
+    """A transient peak before reset() (e.g. while building the model) is not the baseline."""
+    import torch
+
+    probe = worker._Probe(torch.device("cpu"))
+    big = torch.ones(64, 2 ** 20)  # 256 MiB, touched; large enough to be unmapped on free
+    del big
+    baseline = probe.reset()
+    assert probe.peak() - baseline < 64 * 2 ** 20  # the 256 MiB peak above was forgotten
+    again = torch.ones(32, 2 ** 20)  # 128 MiB after the reset
+    assert probe.peak() - baseline >= 120 * 2 ** 20
+    del again
