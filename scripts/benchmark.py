@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-# Measurements run in this script, each in a fresh interpreter, so the original's `ldm` package
+# Each measurement runs this script in a fresh interpreter, so the original's `ldm` package
 # never meets ours in one process.
 WORKER = Path(__file__).resolve().with_name("benchmark_worker.py")
 logger = logging.getLogger("benchmark")
