@@ -190,7 +190,7 @@ def result_rows(results: dict, spec: dict) -> list[list[str]]:
                      _ratio(ref, ours, "time", dev)])
         rows.append([f"{label}: {mem}", _fmt_mem(ref, dev), _fmt_mem(ours, dev),
                      _ratio(ref, ours, "mem", dev)])
-        if any((r or {}).get("flops") for r in (ref, ours)):  # train only: counted on one extra step
+        if any((r or {}).get("flops") for r in (ref, ours)):  # train only
             rows.append([f"{label}: conv+matmul FLOPs, rate", _fmt_flops(ref),
                          _fmt_flops(ours), _ratio(ref, ours, "flops", dev)])
     return rows
