@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -234,6 +234,18 @@ def update_markdown(path: Path, key: str, section: str) -> None:
     os.replace(tmp, path)
 
 
+def allocator_env(environ: Mapping[str, str]) -> list[str]:
+    """``KEY=value`` for the allocator settings in ``environ``, to prefix the recorded command.
+
+    They change CPU speed and memory. A preloaded library (``LD_PRELOAD``, e.g. jemalloc) is
+    recorded by file name, which the dynamic linker also finds in its standard directories.
+    """
+    env = [f"{k}={v}" for k, v in sorted(environ.items())
+           if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
+    preload = [Path(lib).name for lib in environ.get("LD_PRELOAD", "").replace(":", " ").split()]
+    return env + ([f"LD_PRELOAD={':'.join(preload)}"] if preload else [])
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     cells = [list(headers)] + [list(r) for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -337,10 +349,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(format_table(["metric", "original (PathLDM)", "ours", "ours vs original"], rows))
     if args.out:
         notes = _notes(spec, results)
-        # Allocator settings change CPU memory and speed, so they are part of the command.
-        env = [f"{k}={v}" for k, v in sorted(os.environ.items())
-               if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]
-        command = " ".join(env + ["python scripts/benchmark.py"] + [
+        command = " ".join(allocator_env(os.environ) + ["python scripts/benchmark.py"] + [
             a if a != str(args.reference_src) else "PATH/TO/PathLDM"
             for a in (sys.argv[1:] if argv is None else argv)])
         key = args.label or f"{spec['device']}-b{spec['batch']}-{spec['precision']}"

@@ -75,6 +75,16 @@ def test_markdown_update_replaces_only_its_own_section(bench, tmp_path):
     assert not out.with_suffix(".md.tmp").exists()
 
 
+def test_recorded_command_carries_the_allocator_settings_without_machine_paths(bench):
+    environ = {"MALLOC_TRIM_THRESHOLD_": "1", "GLIBC_TUNABLES": "glibc.malloc.arena_max=2",
+               "LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /opt/x/libfoo.so",
+               "HOME": "/root", "MALLOCX": "ignored"}
+    assert bench.allocator_env(environ) == [
+        "GLIBC_TUNABLES=glibc.malloc.arena_max=2", "MALLOC_TRIM_THRESHOLD_=1",
+        "LD_PRELOAD=libjemalloc.so.2:libfoo.so"]
+    assert bench.allocator_env({"PATH": "/bin"}) == []
+
+
 def _tiny_config(path: Path) -> Path:
     cfg = OmegaConf.load(CONFIG)
     unet = cfg.model.params.unet_config.params
