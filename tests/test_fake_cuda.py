@@ -30,18 +30,23 @@ def _host_schedule(model: torch.nn.Module, eta: float) -> DDIMSchedule:
                                sqrt_one_minus_alphas=s.sqrt_one_minus_alphas.numpy())
 
 
+def _inputs(key: str, cond: list, uncond: list) -> tuple:
+    """The batch's ``key`` entry and the two inputs of ``get_learned_conditioning``."""
+    if key != "class_label":
+        return cond, cond, uncond
+    c, uc = (torch.tensor(v, device=CUDA) for v in (cond, uncond))
+    return c, {key: c}, {key: uc}  # the class embedder looks its key up in a batch
+
+
 def _run_on_fake_cuda(model: torch.nn.Module, key: str, cond, uncond) -> list[torch.Tensor]:
     """Loss, conditioning, DDIM, PLMS and decoding; every output tensor."""
     ddim, plms = _host_schedule(model, eta=1.0), _host_schedule(model, eta=0.0)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to(CUDA)
         assert {t.device for t in itertools.chain(model.parameters(), model.buffers())} == {CUDA}
-        if key == "class_label":
-            cond, uncond = (torch.tensor(v, device=CUDA) for v in (cond, uncond))
-        batch = {"image": torch.rand(2, 16, 16, 3, device=CUDA) * 2 - 1, key: cond}
-        if key == "class_label":  # the class embedder looks its key up in a batch
-            cond, uncond = {key: cond}, {key: uncond}
-        loss, _ = model.shared_step(batch)
+        labels, cond, uncond = _inputs(key, cond, uncond)
+        loss, _ = model.shared_step({"image": torch.rand(2, 16, 16, 3, device=CUDA) * 2 - 1,
+                                     key: labels})
         c, uc = model.get_learned_conditioning(cond), model.get_learned_conditioning(uncond)
         x_T = torch.randn(2, 3, 8, 8, device=CUDA)
         z_ddim, _ = sample_ddim(model_denoiser(model), x_T, ddim, cond=c, uncond=uc, scale=2.0)
