@@ -3,18 +3,20 @@
 Under ``FakeTensorMode`` tensors carry shapes and devices but no data, and an operation that
 mixes a CUDA tensor with a CPU one raises, as it does on a GPU. A model built on the CPU and
 moved with ``.to()``, as Lightning moves it, runs its forward paths (loss, conditioning, guided
-DDIM and PLMS, decoding) on fake CUDA tensors, so a tensor our code makes on the CPU (a device
-literal, a table that is not a buffer) fails here. Backward, autocast and values need a real
-device; the ``gpu`` tests cover them.
+DDIM and PLMS, decoding; the autoencoders' validation losses) on fake CUDA tensors, so a tensor
+our code makes on the CPU (a device literal, a table that is not a buffer) fails here. Backward,
+autocast and values need a real device; the ``gpu`` tests cover them.
 """
 import dataclasses
 import itertools
 
 import pytest
 import torch
+from test_autoencoder_training import _dd
 from tiny_ldm import build_tiny_model, tiny_model_config
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
+from ldm.models.autoencoder import AutoencoderKL, VQModel
 from ldm.models.diffusion.ddim import DDIMSchedule, model_denoiser, sample_ddim
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.models.diffusion.plms import sample_plms
@@ -79,3 +81,26 @@ def test_a_tensor_made_on_the_cpu_is_caught(monkeypatch):
     monkeypatch.setattr(LatentDiffusion, "p_losses", cpu_noise)
     with pytest.raises(FakeTensorDeviceMismatchError, match="cuda:0 and cpu"):
         _run_on_fake_cuda(model, "class_label", [0, 3], [4, 4])
+
+
+def _loss(name: str) -> dict:
+    return {"target": f"ldm.modules.losses.{name}",
+            "params": {"disc_start": 0, "disc_num_layers": 2, "lpips_pretrained": False}}
+
+
+@pytest.mark.parametrize("make", [
+    lambda: VQModel(_dd(), _loss("vqperceptual.VQLPIPSWithDiscriminator"), n_embed=16,
+                    embed_dim=3),
+    lambda: AutoencoderKL(_dd(double_z=True), _loss("contperceptual.LPIPSWithDiscriminator"),
+                          embed_dim=3),
+], ids=["vq", "kl"])
+def test_autoencoder_validation_losses_run_on_cuda_tensors_only(make):
+    """Reconstruction, LPIPS and discriminator terms, as validation runs them (no graph)."""
+    model = make().eval()
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        model.to(CUDA)
+        x = torch.rand(2, 3, 16, 16, device=CUDA) * 2 - 1
+        out = model._reconstruct(x)
+        for optimizer_idx in (0, 1):
+            loss, log = model._loss_call(x, out, optimizer_idx, "val")
+            assert loss.device == CUDA and {v.device for v in log.values()} == {CUDA}
