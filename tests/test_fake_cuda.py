@@ -20,6 +20,7 @@ from ldm.models.autoencoder import AutoencoderKL, VQModel
 from ldm.models.diffusion.ddim import DDIMSchedule, model_denoiser, sample_ddim
 from ldm.models.diffusion.latent_diffusion import LatentDiffusion
 from ldm.models.diffusion.plms import sample_plms
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 
 # With an index: for a bare "cuda" Lightning's device property asks the (absent) driver.
 CUDA = torch.device("cuda", 0)
@@ -68,6 +69,16 @@ def test_class_conditional_model_runs_on_cuda_tensors_only():
     model = build_tiny_model(tiny_model_config()).eval()
     outs = _run_on_fake_cuda(model, "class_label", [0, 3], [4, 4])
     assert [o.device for o in outs] == [CUDA] * 6
+
+
+def test_text_embedding_cache_serves_on_the_module_device(tiny_clip_dir):
+    enc = FrozenCLIPEmbedder(version=str(tiny_clip_dir), cache_size=8)
+    captions = ["high tumor; low til; a", "low tumor; b", "c"]
+    enc(captions[:2])  # cached on the CPU
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        enc.to(CUDA)  # the move empties the cache: no CPU row is served on CUDA
+        assert enc(captions).device == CUDA
+        assert {enc.cache.get((c, 154)).device for c in captions} == {CUDA}
 
 
 def test_a_tensor_made_on_the_cpu_is_caught(monkeypatch):
