@@ -12,8 +12,7 @@ import itertools
 
 import pytest
 import torch
-from test_autoencoder_training import _dd
-from tiny_ldm import build_tiny_model, tiny_model_config
+from tiny_ldm import DDCONFIG, build_tiny_model, tiny_model_config
 from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
 
 from ldm.models.autoencoder import AutoencoderKL, VQModel
@@ -94,16 +93,19 @@ def test_a_tensor_made_on_the_cpu_is_caught(monkeypatch):
         _run_on_fake_cuda(model, "class_label", [0, 3], [4, 4])
 
 
+DD = {**DDCONFIG, "attn_resolutions": [8]}  # with the encoder/decoder attention
+
+
 def _loss(name: str) -> dict:
     return {"target": f"ldm.modules.losses.{name}",
             "params": {"disc_start": 0, "disc_num_layers": 2, "lpips_pretrained": False}}
 
 
 @pytest.mark.parametrize("make", [
-    lambda: VQModel(_dd(), _loss("vqperceptual.VQLPIPSWithDiscriminator"), n_embed=16,
+    lambda: VQModel(DD, _loss("vqperceptual.VQLPIPSWithDiscriminator"), n_embed=16,
                     embed_dim=3),
-    lambda: AutoencoderKL(_dd(double_z=True), _loss("contperceptual.LPIPSWithDiscriminator"),
-                          embed_dim=3),
+    lambda: AutoencoderKL({**DD, "double_z": True},
+                          _loss("contperceptual.LPIPSWithDiscriminator"), embed_dim=3),
 ], ids=["vq", "kl"])
 def test_autoencoder_validation_losses_run_on_cuda_tensors_only(make):
     """Reconstruction, LPIPS and discriminator terms, as validation runs them (no graph)."""
