@@ -10,7 +10,9 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
            configure_optimizers; median seconds over --steps after --warmup steps. One more
            step after those counts the convolution and matrix-multiply FLOPs (attention left
            out), work the architecture fixes, and the report gives the rate they run at over
-           the median step time.
+           the median step time. The report also counts the denormal values in the
+           optimizer state after the timed steps: from random weights they appear within a few
+           steps and slow CPU arithmetic (--flush-denormal flushes them in both).
   sample   DDIM (--ddim-steps, eta 0) with classifier-free guidance (--scale, cond and uncond
            batched as one forward) through the project's DDIMSampler.
   denoise  the same guided DDIM loop written out around the bare denoiser call, so the
@@ -95,6 +97,7 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision, "steps": args.steps, "warmup": args.warmup,
         "ddim_steps": args.ddim_steps, "scale": args.scale, "seed": args.seed,
         "threads": args.threads, "optimizer": args.optimizer,
+        "flush_denormal": args.flush_denormal,
         "latent": [int(unet["in_channels"]), size, size],
         "context": [args.context_tokens, int(unet["context_dim"])],
         "reference_src": str(args.reference_src) if args.reference_src else None,
@@ -283,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-src", type=Path,
                    help="checkout of the original code to compare against")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--flush-denormal", action="store_true",
+                   help="flush denormal floats to zero on the CPU (torch.set_flush_denormal), "
+                        "for both implementations alike")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="Markdown file to write/update with the table")
     p.add_argument("--label", help="section of --out to replace (default DEVICE-bBATCH-PRECISION)")
@@ -366,6 +372,9 @@ def _notes(spec: dict, results: dict) -> list[str]:
              f"use_checkpoint {u.get('use_checkpoint', False)}; latents (B, "
              f"{', '.join(map(str, spec['latent']))}), context (B, "
              f"{', '.join(map(str, spec['context']))}); warm-up steps {spec['warmup']}"]
+    if spec.get("flush_denormal"):
+        notes.append("denormal floats flushed to zero on the CPU in both implementations "
+                     "(`--flush-denormal`)")
     for (impl, m), r in sorted(results.items()):
         if r.get("note"):
             notes.append(f"{impl} {m}: {r['note']}")

@@ -133,6 +133,12 @@ def _ours(spec: dict, device: Any):
     opt = model.configure_optimizers()
     if isinstance(opt, (list, tuple)):  # ([opt], [scheduler]) when a scheduler is configured
         opt = opt[0][0] if isinstance(opt[0], (list, tuple)) else opt[0]
+    # A configured LambdaLR has already scaled each group's rate by its warm-up factor at step
+    # 0 (1e-6 for PathLDM). The scheduler is never stepped here, so train at the configured
+    # rate, as the original's AdamW(params, lr=lr) does: near-zero updates would leave the
+    # zero-initialised layers near zero and fill AdamW's state with slow denormal numbers.
+    for group in opt.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
     if spec["optimizer"] != "configured":
         keep = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
         groups = [{k: v for k, v in g.items() if k in keep + ("params",)}
@@ -261,8 +267,33 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         logger.warning("%s: FLOPs not counted: %s", impl, e)
         flops = None
     fused = any(g.get("fused") for g in opt.param_groups)
+    lrs = sorted({g["lr"] for g in opt.param_groups})
+    state = [t for s in opt.state.values() for t in s.values() if t.is_floating_point()]
+    denormals = denormal_count(state)
     return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": peak,
-            "flops": flops, "note": f"AdamW fused={fused}"}
+            "flops": flops, "denormals": denormals, "lr": lrs,
+            "note": f"AdamW fused={fused}, lr {', '.join(f'{lr:g}' for lr in lrs)}, "
+                    f"{denormals / 1e6:.2f} M denormal values in its state after the timed steps"}
+
+
+def denormal_count(tensors: Sequence[Any]) -> int:
+    """Nonzero values below their dtype's smallest normal number, summed over ``tensors``.
+
+    From random weights, AdamW's second moments of the gradients behind zero-initialised layers
+    underflow into this range within a few steps; arithmetic on such values is much slower on
+    many CPUs unless they are flushed to zero (``--flush-denormal``).
+    """
+    import torch
+
+    return sum(int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum()) for t in tensors)
+
+
+def denormals_flushed() -> bool:
+    """Whether this process's CPU arithmetic flushes denormal results to zero."""
+    import torch
+
+    tiny = torch.finfo(torch.float32).tiny
+    return bool((torch.tensor([tiny]) / 4).eq(0).all())
 
 
 def dense_flops(fn: Callable[[], Any]) -> int:
@@ -352,6 +383,8 @@ def main(argv: Sequence[str]) -> None:
     warnings.filterwarnings("ignore", message=".*CUDA is not available.*")
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    if spec.get("flush_denormal") and not torch.set_flush_denormal(True):
+        raise RuntimeError("--flush-denormal: this CPU cannot flush denormal numbers to zero")
     torch.manual_seed(spec["seed"])
     device = torch.device(spec["device"])
     if device.type == "cuda":
@@ -364,6 +397,7 @@ def main(argv: Sequence[str]) -> None:
     import ldm
 
     result["ldm_from"] = str(Path(ldm.__file__).resolve().parent)
+    result["denormals_flushed"] = denormals_flushed()
     Path(result_path).write_text(json.dumps(result))
 
 

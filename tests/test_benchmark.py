@@ -109,8 +109,10 @@ def test_end_to_end_against_a_reference_checkout(bench, tmp_path, capsys):
         assert r["times"] and all(t > 0 for t in r["times"])
         assert r["peak"] >= r["baseline"] > 0
     assert len(results[("ours", "train")]["times"]) == 2
-    assert results[("ours", "train")]["note"] == "AdamW fused=True"
-    assert results[("reference", "train")]["note"] == "AdamW fused=False"
+    assert results[("ours", "train")]["note"].startswith("AdamW fused=True, lr ")
+    assert results[("reference", "train")]["note"].startswith("AdamW fused=False, lr ")
+    assert results[("ours", "train")]["lr"] == results[("reference", "train")]["lr"]
+    assert not any(r["denormals_flushed"] for r in results.values())  # IEEE unless asked
     # Same code on both sides here, so the counted work must agree exactly.
     assert results[("ours", "train")]["flops"] == results[("reference", "train")]["flops"] > 0
     table = capsys.readouterr().out
@@ -131,6 +133,49 @@ def test_reference_recomputing_without_autocast_trains_under_bf16(bench, tmp_pat
         "--context-tokens", "4", "--reference-src", str(reference)])
     assert set(results) == {("ours", "train"), ("reference", "train")}
     assert all(r["times"] for r in results.values())
+
+
+@pytest.mark.parametrize("optimizer", ["configured", "fused", "plain"])
+def test_ours_trains_at_the_configured_rate_not_the_warm_up_start(bench, worker, tmp_path,
+                                                                   optimizer):
+    """The never-stepped LambdaLR must not leave ours at 1e-6 x the original's rate."""
+    import torch
+
+    spec = _spec(bench, "--config", str(_tiny_config(tmp_path / "tiny.yaml")),
+                 "--optimizer", optimizer)
+    assert OmegaConf.load(CONFIG).model.params.scheduler_config.params.f_start == [1e-6]
+    _, opt = worker._ours(spec, torch.device("cpu"))
+    assert [g["lr"] for g in opt.param_groups] == [spec["lr"]] * len(opt.param_groups)
+    assert spec["lr"] == OmegaConf.load(CONFIG).model.base_learning_rate
+
+
+def test_flush_denormal_applies_to_both_implementations(bench, tmp_path):
+    out = tmp_path / "bench.md"
+    results = bench.main([
+        "--config", str(_tiny_config(tmp_path / "tiny.yaml")), "--device", "cpu",
+        "--measure", "train", "--steps", "1", "--warmup", "0", "--context-tokens", "4",
+        "--reference-src", str(REPO), "--flush-denormal", "--out", str(out)])
+    assert set(results) == {("ours", "train"), ("reference", "train")}
+    assert all(r["denormals_flushed"] for r in results.values())
+    assert all(r["denormals"] == 0 for r in results.values())
+    assert "flushed to zero on the CPU in both implementations" in out.read_text()
+
+
+def test_denormal_count_and_the_flush_probe(worker):
+    """Golden count of subnormal values; the probe reads the process's real FPU mode."""
+    import torch
+
+    tiny = torch.finfo(torch.float32).tiny
+    t = torch.tensor([0.0, tiny, tiny / 2, -tiny / 8, 1.0, -1e-30])
+    half = torch.tensor([7e-5, 1e-6, 0.0], dtype=torch.float16)  # float16 tiny is 6.1e-5
+    assert worker.denormal_count([t, half]) == 3
+    assert worker.denormals_flushed() is False
+    try:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        assert worker.denormals_flushed() is True
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def test_dense_flops_count_convolutions_and_matmuls_but_not_attention(worker):

@@ -79,8 +79,8 @@ def _assert_t_emb_close(name: str, got: torch.Tensor, ref: torch.Tensor,
 
     The frequencies come from a float32 ``exp`` whose last bit depends on the machine's math
     kernels, in the original as in ours (on an AVX-512 Xeon one frequency of the mc64 fixture
-    is 1 ulp off the reference); ``t`` magnifies it, and the product may round to a neighbouring float: ``3 t 2**-24``, plus the
-    sinusoid's own rounding.
+    is 1 ulp off the reference); ``t`` magnifies it, and the product may round to a
+    neighbouring float: ``3 t 2**-24``, plus the sinusoid's own rounding.
     """
     bound = 4 * timesteps.abs().max().item() * 2.0 ** -24
     diff = (got.double() - ref.double()).abs().max().item()
