@@ -11,8 +11,8 @@ weights); latents are random ``(B, C, H, W)`` tensors and the text context a ran
            step after those counts the convolution and matrix-multiply FLOPs (attention left
            out), work the architecture fixes, and the report gives the rate they run at over
            the median step time. The report also counts the denormal values in the
-           optimizer state after the timed steps: from random weights they appear within a few
-           steps and slow CPU arithmetic (--flush-denormal flushes them in both).
+           optimizer state after the timed steps, which slow CPU arithmetic where near-zero
+           updates produce them (--flush-denormal flushes them in both).
   sample   DDIM (--ddim-steps, eta 0) with classifier-free guidance (--scale, cond and uncond
            batched as one forward) through the project's DDIMSampler.
   denoise  the same guided DDIM loop written out around the bare denoiser call, so the

@@ -268,20 +268,22 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         flops = None
     fused = any(g.get("fused") for g in opt.param_groups)
     lrs = sorted({g["lr"] for g in opt.param_groups})
-    state = [t for s in opt.state.values() for t in s.values() if t.is_floating_point()]
-    denormals = denormal_count(state)
+    note = f"AdamW fused={fused}, lr {', '.join(f'{lr:g}' for lr in lrs)}"
+    denormals = None  # flushed denormals also read as zero, so there is nothing to count
+    if not spec.get("flush_denormal"):
+        denormals = denormal_count(
+            [t for s in opt.state.values() for t in s.values() if t.is_floating_point()])
+        note += f", {denormals / 1e6:.2f} M denormal values in its state after the timed steps"
     return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": peak,
-            "flops": flops, "denormals": denormals, "lr": lrs,
-            "note": f"AdamW fused={fused}, lr {', '.join(f'{lr:g}' for lr in lrs)}, "
-                    f"{denormals / 1e6:.2f} M denormal values in its state after the timed steps"}
+            "flops": flops, "denormals": denormals, "lr": lrs, "note": note}
 
 
 def denormal_count(tensors: Sequence[Any]) -> int:
     """Nonzero values below their dtype's smallest normal number, summed over ``tensors``.
 
-    From random weights, AdamW's second moments of the gradients behind zero-initialised layers
-    underflow into this range within a few steps; arithmetic on such values is much slower on
-    many CPUs unless they are flushed to zero (``--flush-denormal``).
+    When near-zero updates keep zero-initialised layers near zero (from random weights at a
+    tiny rate), AdamW's second moments of the gradients behind them underflow into this range;
+    arithmetic on such values is much slower on many CPUs unless they are flushed to zero.
     """
     import torch
 
