@@ -266,6 +266,12 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
     except RuntimeError as e:  # the counter's module hooks reject some reentrant autograd.grad
         logger.warning("%s: FLOPs not counted: %s", impl, e)
         flops = None
+    return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": peak,
+            "flops": flops, **_optimizer_report(opt, spec)}
+
+
+def _optimizer_report(opt: Any, spec: dict) -> dict[str, Any]:
+    """The optimizer's rates and the denormal count of its state, with a one-line note."""
     fused = any(g.get("fused") for g in opt.param_groups)
     lrs = sorted({g["lr"] for g in opt.param_groups})
     note = f"AdamW fused={fused}, lr {', '.join(f'{lr:g}' for lr in lrs)}"
@@ -274,8 +280,7 @@ def _train(spec: dict, impl: str, device: Any, probe: _Probe) -> dict[str, Any]:
         denormals = denormal_count(
             [t for s in opt.state.values() for t in s.values() if t.is_floating_point()])
         note += f", {denormals / 1e6:.2f} M denormal values in its state after the timed steps"
-    return {"times": times[spec["warmup"]:], "baseline": baseline, "peak": peak,
-            "flops": flops, "denormals": denormals, "lr": lrs, "note": note}
+    return {"denormals": denormals, "lr": lrs, "note": note}
 
 
 def denormal_count(tensors: Sequence[Any]) -> int:
