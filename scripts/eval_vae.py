@@ -4,7 +4,9 @@
 Every image goes through encode -> decode (VQ models through the quantizer, KL models through
 the posterior mode, or a sample with --kl-sample); the input and the reconstruction are
 compared as uint8 RGB images: SSIM (scikit-image, channel_axis=2, data_range=255), MSE on the
-0-255 pixel scale and PSNR (dB), each averaged over images.
+0-255 pixel scale and PSNR (dB), each averaged over images. SSIM is Wang et al.'s index by
+default (11x11 Gaussian window, sigma 1.5, population covariances; --ssim uniform for
+scikit-image's default 7x7 window); the JSON records the setting.
 
 Models are given as --config (an autoencoder config, an LDM config whose first_stage_config is
 used, or a config embedded in a checkpoint) with an optional --ckpt (a first-stage checkpoint,
@@ -21,8 +23,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from ldm.argtypes import positive_int  # noqa: E402
 from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main  # noqa: E402
-from ldm.evaluation.images import open_images, pil_transform, write_json  # noqa: E402
+from ldm.evaluation.images import (  # noqa: E402
+    PartitionDataset,
+    open_images,
+    pil_transform,
+    write_json,
+)
+from ldm.evaluation.reconstruction import DEFAULT_SSIM, SSIM_SETTINGS, ssim_setting  # noqa: E402
 
 logger = logging.getLogger("eval_vae")
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -33,8 +42,8 @@ EXAMPLES = """examples:
       --config configs/autoencoder/kl_f8_sd_vae.yaml --ckpt - --name "Stable Diffusion" \\
       --config configs/autoencoder/vq_f4_finetune.yaml --ckpt logs/VQ/checkpoints/last.ckpt \\
       --name Ours
-  # Table 3: 256 and 512 crops of satellite images with the CompVis VQ-f4 weights
-  python scripts/eval_vae.py --data deepglobe/ --crop 256 512 \\
+  # Table 3: every non-overlapping 256 and 512 crop of the satellite images, CompVis VQ-f4
+  python scripts/eval_vae.py --data deepglobe/ --partition 256 512 \\
       --config configs/autoencoder/vq_f4_finetune.yaml --ckpt - --name VQ-f4
 """
 
@@ -50,8 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", action="append", default=None,
                    help="checkpoint per --config ('-' = the config's ckpt_path)")
     p.add_argument("--name", action="append", default=None, help="row label per --config")
-    p.add_argument("--crop", type=int, nargs="+", default=None,
-                   help="centre-crop sizes, one table row each (default: whole images)")
+    crops = p.add_mutually_exclusive_group()
+    crops.add_argument("--crop", type=int, nargs="+", default=None,
+                       help="centre-crop sizes, one table row each (default: whole images)")
+    crops.add_argument("--partition", type=positive_int, nargs="+", default=None,
+                       metavar="SIZE",
+                       help="partition every image into all its full non-overlapping SIZE x "
+                            "SIZE crops (Table 3), one table row per SIZE")
+    p.add_argument("--ssim", choices=sorted(SSIM_SETTINGS), default=DEFAULT_SSIM,
+                   help="SSIM setting: wang = Wang et al. (Gaussian 11x11 window, sigma 1.5, "
+                        "population covariances; default), uniform = scikit-image's default "
+                        "(7x7 uniform window, sample covariances)")
     p.add_argument("--n", type=int, default=None, help="random subset of this many images")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of KL sampling")
     p.add_argument("--kl-sample", action="store_true",
@@ -91,6 +109,16 @@ def _config(path: Path) -> dict[str, Any]:
     return load_config(path)
 
 
+def _datasets(args: argparse.Namespace) -> list[tuple[str, int | None, Any]]:
+    """``(mode, size, dataset)`` per table row: whole images, centre crops or partitions."""
+    if args.partition:
+        whole = open_images(args.data, n=args.n, seed=args.seed)
+        return [("partition", s, PartitionDataset(whole, s)) for s in args.partition]
+    return [("centre" if c else "whole", c, open_images(args.data, n=args.n, seed=args.seed,
+                                                         transform=pil_transform(center_crop=c)))
+            for c in args.crop or [None]]
+
+
 def render(rows: Sequence[dict[str, Any]]) -> str:
     """Rows in the layout of Tables 2/3, MSE on the 0-255 scale."""
     table = [[r["name"], r["image_size"], r["f"], r["latent_size"], f"{r['ssim']:.3f}",
@@ -111,23 +139,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for name, cfg_path, ckpt in _models(args):
         model = load_first_stage(_config(cfg_path), ckpt).to(device)
-        for crop in args.crop or [None]:
+        for mode, crop, data in _datasets(args):
             torch.manual_seed(args.seed)
-            data = open_images(args.data, n=args.n, seed=args.seed,
-                               transform=pil_transform(center_crop=crop))
             res = evaluate_reconstructions(model, data, batch_size=args.batch_size,
                                            sample_posterior=args.kl_sample,
-                                           num_workers=args.num_workers, desc=name)
+                                           num_workers=args.num_workers, desc=name,
+                                           ssim=args.ssim)
             rows.append({"name": name, "config": str(cfg_path), "ckpt": ckpt, "crop": crop,
-                         **res})
-            logger.info("%s (crop %s): SSIM %.4f, MSE %.3f", name, crop, res["ssim"], res["mse"])
+                         "crop_mode": mode, **res})
+            logger.info("%s (%s crop %s): SSIM %.4f, MSE %.3f over %d images", name, mode, crop,
+                        res["ssim"], res["mse"], res["n"])
         del model
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json({"data": str(args.data), "mse_scale": "0-255 (uint8 pixels)",
+                "ssim": {"setting": args.ssim, **ssim_setting(args.ssim)},
                 "kl_posterior": "sample" if args.kl_sample else "mode", "results": rows}, args.out)
     print(render(rows))
     print("\nMSE: mean squared error per pixel and channel on the 0-255 scale; SSIM/MSE/PSNR "
-          f"averaged over images.\nresults: {args.out}")
+          f"averaged over images (crops); SSIM setting {args.ssim} {ssim_setting(args.ssim)}."
+          f"\nresults: {args.out}")
     return rows
 
 

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from scripts_loader import load_script
 from skimage.metrics import structural_similarity
 from tcga_store import random_store
 
-from ldm.evaluation.images import SplitStore, pil_to_tensor, to_uint8
+from ldm.evaluation.images import (
+    PartitionDataset,
+    SplitStore,
+    open_images,
+    pil_to_tensor,
+    to_uint8,
+)
 from ldm.evaluation.reconstruction import MSE_FLOOR, image_metrics, load_first_stage
 from ldm.util import instantiate_from_config
 
@@ -50,8 +57,54 @@ def test_image_metrics_known_values():
     assert psnr == pytest.approx(10 * math.log10(255**2 / MSE_FLOOR))
     ssim, mse, psnr = image_metrics(a, a + 2)
     assert mse == 4.0 and psnr == pytest.approx(10 * math.log10(255**2 / 4))
-    assert ssim == pytest.approx(structural_similarity(a, a + 2, channel_axis=2, data_range=255))
+    wang = structural_similarity(a, a + 2, channel_axis=2, data_range=255,
+                                 gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    assert ssim == pytest.approx(wang)
     assert ssim < 1.0
+
+
+def test_ssim_is_wang_by_default():
+    """Default SSIM: Wang et al.'s Gaussian window; skimage's uniform default reads differently."""
+    rng = np.random.default_rng(1)
+    a = np.asarray(Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+                   .resize((48, 48), Image.BILINEAR))
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    wang = structural_similarity(a, b, channel_axis=2, data_range=255, gaussian_weights=True,
+                                 sigma=1.5, use_sample_covariance=False)
+    plain = structural_similarity(a, b, channel_axis=2, data_range=255)
+    assert abs(wang - plain) > 1e-3
+    assert image_metrics(a, b)[0] == pytest.approx(wang, abs=1e-12)
+    assert image_metrics(a, b, ssim="uniform")[0] == pytest.approx(plain, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown SSIM setting"):
+        image_metrics(a, b, ssim="nope")
+
+
+def test_partition_every_full_crop(tmp_path):
+    """--partition: every full non-overlapping crop of every image, remainders left out."""
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    arrays = {"a.png": rng.integers(0, 256, (40, 70, 3), dtype=np.uint8),  # 2 x 4 crops of 16
+              "b.png": rng.integers(0, 256, (50, 50, 3), dtype=np.uint8)}  # 3 x 3
+    for name, arr in arrays.items():
+        Image.fromarray(arr).save(folder / name)
+    data = PartitionDataset(open_images(folder), 16)
+    assert len(data) == 8 + 9
+    assert data.crops[:5] == [(0, 0, 0), (0, 16, 0), (0, 32, 0), (0, 48, 0), (0, 0, 16)]
+    expected = arrays["b.png"][32:48, 16:32]
+    assert torch.equal(data[8 + 7], torch.from_numpy(expected).permute(2, 0, 1).float() / 255)
+
+    _, vq_cfg = save_model(VQ, tmp_path, "vq")
+    vq_ckpt = tmp_path / "vq.ckpt"
+    out = tmp_path / "p.json"
+    rows = load_script("eval_vae").main([
+        "--data", str(folder), "--config", str(vq_cfg), "--ckpt", str(vq_ckpt),
+        "--partition", "16", "32", "--device", "cpu", "--out", str(out)])
+    assert [(r["crop_mode"], r["crop"], r["n"], r["image_size"]) for r in rows] == [
+        ("partition", 16, 17, "16x16"), ("partition", 32, 3, "32x32")]
+    saved = json.loads(out.read_text())
+    assert saved["ssim"] == {"setting": "wang", "gaussian_weights": True, "sigma": 1.5,
+                             "use_sample_covariance": False}
 
 
 def test_eval_vae_tables(tmp_path, capsys):

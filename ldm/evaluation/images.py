@@ -101,9 +101,16 @@ class SplitStore:
 
     def image(self, index: int) -> Image.Image:
         """Decode tile ``index`` as an RGB PIL image."""
+        return self._open(index).convert("RGB")
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """``(width, height)`` of tile ``index`` from its header, without decoding the pixels."""
+        return self._open(index).size
+
+    def _open(self, index: int) -> Image.Image:
         data = self._file()["images"][int(index)]
         try:
-            return Image.open(io.BytesIO(data.tobytes())).convert("RGB")
+            return Image.open(io.BytesIO(data.tobytes()))
         except Exception as e:
             raise ValueError(f"{self.path}: images[{index}] is not a decodable image: {e}") from e
 
@@ -194,12 +201,57 @@ class ImageDataset(Dataset):
         except Exception as e:
             raise ValueError(f"cannot read image {item}: {e}") from e
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(width, height)`` of the i-th image before the transform (header only)."""
+        item = self.items[i]
+        if isinstance(self.source, SplitStore):
+            return self.source.image_size(int(item))
+        try:
+            with Image.open(item) as img:
+                return img.size
+        except Exception as e:
+            raise ValueError(f"cannot read image {item}: {e}") from e
+
     def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, int]:
         img = self.load(i)
         if self.transform is not None:
             img = self.transform(img)
         x = pil_to_tensor(img)
         return x if self.labels is None else (x, int(self.labels[i]))
+
+
+class PartitionDataset(Dataset):
+    """Every full, non-overlapping ``size`` x ``size`` crop of every image, row-major.
+
+    The paper's Table 3 partitions each DeepGlobe image into 256 (or 512) crops; a remainder
+    narrower than ``size`` at the right or bottom edge is left out. Items are ``(3, size, size)``
+    tensors in [0, 1]; ``crops[k]`` is ``(image index, left, top)`` of item k.
+    """
+
+    def __init__(self, images: ImageDataset, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"partition size must be positive, got {size}")
+        if images.transform is not None or images.labels is not None:
+            raise ValueError("partition the images before any transform or label")
+        self.images, self.size = images, size
+        self.crops: list[tuple[int, int, int]] = []
+        for i in range(len(images)):
+            w, h = images.image_size(i)
+            self.crops += [(i, left, top) for top in range(0, h - size + 1, size)
+                           for left in range(0, w - size + 1, size)]
+        if not self.crops:
+            raise ValueError(f"no image is at least {size}x{size}: nothing to partition")
+        self._cached: tuple[int, Image.Image] | None = None  # crops of one image are adjacent
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        i, left, top = self.crops[k]
+        if self._cached is None or self._cached[0] != i:
+            self._cached = (i, self.images.load(i))
+        img = self._cached[1].crop((left, top, left + self.size, top + self.size))
+        return pil_to_tensor(img)
 
 
 def open_images(path: str | Path, n: int | None = None, seed: int = 0,

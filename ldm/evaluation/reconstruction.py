@@ -20,6 +20,16 @@ logger = logging.getLogger(__name__)
 
 MSE_FLOOR = 1e-10  # identical images would give infinite PSNR; cap it at 10*log10(255²/1e-10)
 
+# SSIM settings of scikit-image's structural_similarity. "wang" is the index as Wang et al.
+# (2004) define it (11x11 Gaussian window, sigma 1.5, population covariances), the one the
+# paper cites; "uniform" is scikit-image's default (7x7 uniform window, sample covariances),
+# which reads about 0.007 lower on real reconstruction pairs.
+SSIM_SETTINGS: dict[str, dict[str, Any]] = {
+    "wang": {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False},
+    "uniform": {"win_size": 7, "gaussian_weights": False, "use_sample_covariance": True},
+}
+DEFAULT_SSIM = "wang"
+
 
 def first_stage_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The autoencoder config inside a full config, an LDM config or a bare model config."""
@@ -69,21 +79,32 @@ def reconstruct(model: torch.nn.Module, x: torch.Tensor,
     return model.decode(z), tuple(z.shape[1:])
 
 
-def image_metrics(original: np.ndarray, reconstruction: np.ndarray) -> tuple[float, float, float]:
+def ssim_setting(name: str) -> dict[str, Any]:
+    """The keyword arguments of an SSIM setting (see ``SSIM_SETTINGS``)."""
+    if name not in SSIM_SETTINGS:
+        raise ValueError(f"unknown SSIM setting {name!r}; choose from {sorted(SSIM_SETTINGS)}")
+    return dict(SSIM_SETTINGS[name])
+
+
+def image_metrics(original: np.ndarray, reconstruction: np.ndarray,
+                  ssim: str = DEFAULT_SSIM) -> tuple[float, float, float]:
     """``(SSIM, MSE, PSNR)`` of two uint8 ``(H, W, 3)`` images on the 0-255 pixel scale."""
     from skimage.metrics import structural_similarity
 
     a, b = original.astype(np.float64), reconstruction.astype(np.float64)
     mse = float(np.mean((a - b) ** 2))
     psnr = 10 * math.log10(255.0**2 / max(mse, MSE_FLOOR))
-    ssim = float(structural_similarity(original, reconstruction, channel_axis=2, data_range=255))
-    return ssim, mse, psnr
+    value = float(structural_similarity(original, reconstruction, channel_axis=2, data_range=255,
+                                        **ssim_setting(ssim)))
+    return value, mse, psnr
 
 
 def evaluate_reconstructions(model: torch.nn.Module, dataset: Dataset, batch_size: int = 16,
                              sample_posterior: bool = False, num_workers: int = 0,
-                             desc: str = "reconstructing") -> dict[str, Any]:
+                             desc: str = "reconstructing",
+                             ssim: str = DEFAULT_SSIM) -> dict[str, Any]:
     """Mean SSIM/MSE/PSNR over ``dataset`` ([0, 1] image tensors), with latent shape and f."""
+    ssim_setting(ssim)  # fail before the first batch
     device = next(model.parameters()).device
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     scores: list[tuple[float, float, float]] = []
@@ -93,7 +114,7 @@ def evaluate_reconstructions(model: torch.nn.Module, dataset: Dataset, batch_siz
         rec, latent = reconstruct(model, x, sample_posterior=sample_posterior)
         image = tuple(x.shape[1:])
         for orig, out in zip(to_uint8(x), to_uint8(rec)):
-            scores.append(image_metrics(orig, out))
+            scores.append(image_metrics(orig, out, ssim=ssim))
     if not scores:
         raise ValueError("no images to evaluate")
     arr = np.asarray(scores)
