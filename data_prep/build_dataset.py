@@ -5,10 +5,14 @@ patient-level (``TCGA-XX-XXXX.<uuid>``) and slide ids slide-level
 (``TCGA-XX-XXXX-01Z-00-DX1.<uuid>``), so by default both are cut to their first 12 characters
 (``--id-chars``); ``--mapping`` (CSV ``slide_id,report_id``) overrides this. The split is by
 slide (by default grouped by patient, so a patient's slides stay together), from a seeded ratio
-or a split file; no slide is in both. Tiles below ``--min-tissue`` or without a probability
-(NaN) are dropped and counted. Writes ``train.h5``/``test.h5`` (docs/data_format.md, section
-3), ``splits.csv`` and ``dataset_card.json``/``.md``. A split store built from the same inputs
-and settings is kept as is on a rerun.
+or a split file; no slide is in both. The seeded split is stable: each patient's side comes from
+a hash of the seed and the patient id, so adding patients never moves existing ones. A split
+file must list every slide once and keep each patient's slides together. Tiles below
+``--min-tissue`` or without a probability (NaN) are dropped and counted. Writes
+``train.h5``/``test.h5`` (docs/data_format.md, section 3), ``splits.csv`` and
+``dataset_card.json``/``.md``. A split store built from the same inputs and settings is kept as
+is on a rerun; a store with slides is never replaced by an empty one, and the output folder is
+locked while a build runs.
 
 Example::
 
@@ -18,11 +22,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import logging
-import random
 import sys
 import time
 from collections import Counter, defaultdict
@@ -37,10 +39,13 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep.common import (
-    JsonlLog,
+    OutputLocked,
     RunSummary,
     add_logging_arg,
     atomic_output,
+    output_lock,
+    read_jsonl,
+    remove_stale_tmp,
     setup_logging,
     write_json_atomic,
     write_text_atomic,
@@ -53,9 +58,10 @@ from data_prep.hdf5io import (
     is_complete_tile_store,
     read_store_attrs,
 )
+from data_prep.splits import SPLITS, assign_splits, read_csv_columns
+from ldm.argtypes import float_in, non_negative_int, positive_int, unit_float
 
 logger = logging.getLogger(__name__)
-SPLITS = ("train", "test")
 
 
 @dataclass
@@ -95,7 +101,9 @@ def load_slides(tiles_dir: Path, summary: RunSummary) -> list[SlideInfo]:
         attrs = read_store_attrs(p)
         with h5py.File(p, "r") as f:
             n = len(f["tiles"])
+            attrs["_content"] = _content_key(f)
         slides.append(SlideInfo(str(attrs.get("slide_id", p.stem)), p, n, attrs))
+    _refuse_duplicates(slides)
     for key in ("tile_size", "magnification"):
         values = {s.attrs.get(key) for s in slides}
         if len(values) > 1:
@@ -104,16 +112,41 @@ def load_slides(tiles_dir: Path, summary: RunSummary) -> list[SlideInfo]:
     return slides
 
 
+def _content_key(f: h5py.File) -> str:
+    """Hash of a tile store's tile count, coordinates and first tile: equal for copies."""
+    h = hashlib.sha256(str(len(f["tiles"])).encode())
+    h.update(np.ascontiguousarray(f["coords"][:]).tobytes())
+    if len(f["tiles"]):
+        h.update(np.asarray(f["tiles"][0]).tobytes())
+    return h.hexdigest()
+
+
+def _refuse_duplicates(slides: list[SlideInfo]) -> None:
+    """A slide stored twice (same id, or the same content under two names) would count twice."""
+    for key, what in ((lambda s: s.slide_id, "slide id"),
+                      (lambda s: s.attrs["_content"], "content")):
+        seen: dict[str, SlideInfo] = {}
+        for s in slides:
+            other = seen.setdefault(key(s), s)
+            if other is not s:
+                raise ValueError(f"{other.path.name} and {s.path.name} hold the same {what} "
+                                 f"({other.slide_id}); remove the duplicate store")
+
+
 def load_summaries(path: Path, max_summaries: int | None) -> tuple[dict[str, list[str]], dict]:
     """``report_id -> summaries ordered by index`` from the JSONL, and statistics."""
     by_report: dict[str, dict[int, str]] = defaultdict(dict)
     models, misfits = Counter(), 0
-    for r in JsonlLog(path).records():
+    records = read_jsonl(path)
+    for r in records:
         if r.get("status") != "ok" or not r.get("text"):
             continue
         by_report[r["report_id"]].setdefault(int(r["summary_index"]), r["text"])
         models[f"{r.get('model')} / prompt {r.get('prompt_version')}"] += 1
         misfits += 0 if r.get("fits", True) else 1
+    if not by_report:
+        raise ValueError(f"{path}: no usable summaries ({len(records)} records, none with "
+                         "status 'ok' and a text); nothing was written")
     out = {rid: [t for _, t in sorted(d.items())][:max_summaries]
            for rid, d in by_report.items()}
     return out, {"summary_models": dict(models), "misfit_summaries": misfits}
@@ -123,8 +156,8 @@ def match_reports(slides: list[SlideInfo], summaries: dict[str, list[str]], id_c
                   mapping: Path | None) -> None:
     """Set each slide's report id and summaries (by mapping CSV or by id prefix)."""
     if mapping is not None:
-        table = {row["slide_id"]: row["report_id"] for row in _read_csv(mapping,
-                                                                        ("slide_id", "report_id"))}
+        table = {row["slide_id"]: row["report_id"] for row in read_csv_columns(
+        mapping, ("slide_id", "report_id"))}
         for s in slides:
             s.report_id = table.get(s.slide_id)
     else:
@@ -140,36 +173,6 @@ def match_reports(slides: list[SlideInfo], summaries: dict[str, list[str]], id_c
             s.report_id = candidates[0] if candidates else None
     for s in slides:
         s.summaries = list(summaries.get(s.report_id, [])) if s.report_id else []
-
-
-def _read_csv(path: Path, columns: tuple[str, ...]) -> list[dict]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are "
-                             f"{reader.fieldnames}")
-        return [{c: (row[c] or "").strip() for c in columns} for row in reader]
-
-
-def assign_splits(slides: list[SlideInfo], cfg: BuildConfig) -> dict[str, str]:
-    """``slide_id -> "train"|"test"`` from the split file or a seeded ratio over groups."""
-    if cfg.split_file:
-        rows = _read_csv(Path(cfg.split_file), ("slide_id", "split"))
-        bad = sorted({r["split"] for r in rows} - set(SPLITS))
-        if bad:
-            raise ValueError(f"{cfg.split_file}: unknown split name(s) {bad}; use train/test")
-        table = {r["slide_id"]: r["split"] for r in rows}
-        return {s.slide_id: table[s.slide_id] for s in slides if s.slide_id in table}
-    group = ((lambda sid: sid[: cfg.id_chars] if cfg.id_chars > 0 else sid)
-             if cfg.group_by == "patient" else (lambda sid: sid))
-    groups = sorted({group(s.slide_id) for s in slides})
-    random.Random(cfg.seed).shuffle(groups)
-    n_test = int(round(cfg.test_fraction * len(groups)))
-    if cfg.test_fraction > 0 and len(groups) >= 2:
-        n_test = min(max(n_test, 1), len(groups) - 1)
-    test = set(groups[:n_test])
-    return {s.slide_id: "test" if group(s.slide_id) in test else "train" for s in slides}
 
 
 def _signature(cfg: BuildConfig, slides: list[SlideInfo], k: int) -> str:
@@ -269,9 +272,42 @@ def _store_signature(path: Path) -> str | None:
         return None
 
 
+def check_inputs(tiles_dir: Path, summaries_path: Path | None, out_dir: Path,
+                 cfg: BuildConfig) -> None:
+    """Every named input exists and the output can be a folder, before anything is written."""
+    if not tiles_dir.is_dir():
+        raise ValueError(f"--tiles {tiles_dir}: no such folder")
+    for flag, value in (("--summaries", summaries_path), ("--split-file", cfg.split_file),
+                        ("--mapping", cfg.mapping)):
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"{flag} {value}: no such file")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder")
+
+
+def _refuse_emptying(out_dir: Path, members: dict[str, list[SlideInfo]]) -> None:
+    """A split store that holds slides is never replaced by an empty one."""
+    for split, slides in members.items():
+        path = out_dir / f"{split}.h5"
+        if slides or not path.is_file():
+            continue
+        try:
+            n = split_stats(path)["slides"]
+        except (OSError, KeyError):
+            continue  # unreadable: replacing it loses nothing
+        if n:
+            raise ValueError(f"{path} holds {n} slides and this build would leave {split} "
+                             "empty; check --summaries/--split-file/--test-fraction, or pass "
+                             "--overwrite to replace it")
+
+
 def build(tiles_dir: Path, summaries_path: Path | None, out_dir: Path, cfg: BuildConfig,
           overwrite: bool = False) -> tuple[RunSummary, dict]:
-    """Build both split stores, ``splits.csv`` and the dataset card; returns (summary, card)."""
+    """Build both split stores, ``splits.csv`` and the dataset card; returns (summary, card).
+
+    Everything is read and checked before the first write; the output folder is locked.
+    """
+    check_inputs(tiles_dir, summaries_path, out_dir, cfg)
     summary = RunSummary("build_dataset")
     slides = load_slides(tiles_dir, summary)
     if not slides:
@@ -284,30 +320,22 @@ def build(tiles_dir: Path, summaries_path: Path | None, out_dir: Path, cfg: Buil
         logger.warning("%d slides have no summary%s: %s", len(without),
                        "" if cfg.keep_unsummarized else " and are left out", without[:20])
     included = slides if cfg.keep_unsummarized else [s for s in slides if s.summaries]
+    if not included:
+        raise ValueError(f"none of the {len(slides)} slides has a summary (check --summaries, "
+                         "--mapping, --id-chars, or pass --keep-unsummarized); nothing was "
+                         "written")
     assignment = assign_splits(included, cfg)
-    k = max([len(s.summaries) for s in included] + [1])
+    members = {split: [s for s in included if assignment.get(s.slide_id) == split]
+               for split in SPLITS}
     out_dir.mkdir(parents=True, exist_ok=True)
-    card: dict = {"format_version": DATASET_STORE_VERSION,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": asdict(cfg),
-                  "splits": {}, **sum_stats}
-    for split in SPLITS:
-        members = [s for s in included if assignment.get(s.slide_id) == split]
-        path = out_dir / f"{split}.h5"
-        sig = _signature(cfg, members, k)
-        if not overwrite and path.is_file() and _store_signature(path) == sig:
-            summary.skipped.append(split)
-        else:
-            write_split(path, split, members, cfg, k, sig)
-            summary.done.append(split)
-        card["splits"][split] = split_stats(path)
-    write_text_atomic(out_dir / "splits.csv", "slide_id,split\n" + "".join(
-        f"{sid},{sp}\n" for sid, sp in sorted(assignment.items())))
+    with output_lock(out_dir):
+        remove_stale_tmp(out_dir)
+        if not overwrite:
+            _refuse_emptying(out_dir, members)
+        card = _write_outputs(out_dir, slides, included, members, assignment, cfg, overwrite,
+                              summary)
+    card.update(sum_stats)
     card["slides_without_summary"] = without
-    card["unassigned_slides"] = sorted(s.slide_id for s in included
-                                       if s.slide_id not in assignment)
-    card["probability_sources"] = dict(Counter(
-        f"tumor: {s.attrs.get('tumor_source', 'none')} | til: {s.attrs.get('til_source', 'none')}"
-        for s in slides))
     write_json_atomic(out_dir / "dataset_card.json", card)
     write_text_atomic(out_dir / "dataset_card.md", render_card(card))
     summary.extra.update({s: f"{card['splits'][s]['slides']} slides, "
@@ -315,6 +343,33 @@ def build(tiles_dir: Path, summaries_path: Path | None, out_dir: Path, cfg: Buil
     summary.extra["slides without summary"] = len(without)
     summary.extra["output"] = str(out_dir)
     return summary, card
+
+
+def _write_outputs(out_dir: Path, slides: list[SlideInfo], included: list[SlideInfo],
+                   members: dict[str, list[SlideInfo]], assignment: dict[str, str],
+                   cfg: BuildConfig, overwrite: bool, summary: RunSummary) -> dict:
+    """Write (or keep) both split stores and ``splits.csv``; returns the card's core."""
+    k = max([len(s.summaries) for s in included] + [1])
+    card: dict = {"format_version": DATASET_STORE_VERSION,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": asdict(cfg),
+                  "splits": {}}
+    for split in SPLITS:
+        path = out_dir / f"{split}.h5"
+        sig = _signature(cfg, members[split], k)
+        if not overwrite and path.is_file() and _store_signature(path) == sig:
+            summary.skipped.append(split)
+        else:
+            write_split(path, split, members[split], cfg, k, sig)
+            summary.done.append(split)
+        card["splits"][split] = split_stats(path)
+    write_text_atomic(out_dir / "splits.csv", "slide_id,split\n" + "".join(
+        f"{sid},{sp}\n" for sid, sp in sorted(assignment.items())))
+    card["unassigned_slides"] = sorted(s.slide_id for s in included
+                                       if s.slide_id not in assignment)
+    card["probability_sources"] = dict(Counter(
+        f"tumor: {s.attrs.get('tumor_source', 'none')} | til: {s.attrs.get('til_source', 'none')}"
+        for s in slides))
+    return card
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,19 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summaries", type=Path, default=None, help="summaries JSONL")
     p.add_argument("--out", type=Path, required=True, help="dataset folder")
     p.add_argument("--mapping", type=Path, default=None, help="CSV slide_id,report_id")
-    p.add_argument("--id-chars", type=int, default=12,
+    p.add_argument("--id-chars", type=non_negative_int, default=12,
                    help="match slide and report ids on this many leading characters "
                         "(12 = TCGA patient barcode; 0 = whole id) (default: %(default)s)")
-    p.add_argument("--test-fraction", type=float, default=0.15,
-                   help="share of patients (or slides) in the test split (default: %(default)s)")
+    p.add_argument("--test-fraction", type=float_in(0.0, 1.0, hi_open=True), default=0.15,
+                   help="expected share of patients (or slides) in the test split; each one's "
+                        "side is a seeded hash of its id, so the realised share varies on small "
+                        "sets (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default: %(default)s)")
     p.add_argument("--group-by", choices=["patient", "slide"], default="patient",
                    help="keep a patient's slides in one split (default) or split slides freely")
     p.add_argument("--split-file", type=Path, default=None,
-                   help="CSV slide_id,split (train/test) instead of a random split")
-    p.add_argument("--min-tissue", type=float, default=0.0,
+                   help="CSV slide_id,split (train/test) instead of a random split; it must "
+                        "list every slide once and keep a patient's slides together")
+    p.add_argument("--min-tissue", type=unit_float, default=0.0,
                    help="drop tiles with less tissue than this (default: %(default)s)")
-    p.add_argument("--max-summaries", type=int, default=None, help="use at most K per slide")
+    p.add_argument("--max-summaries", type=positive_int, default=None,
+                   help="use at most K per slide")
     p.add_argument("--keep-unsummarized", action="store_true",
                    help="keep slides without a summary (n_summaries 0), e.g. for class "
                         "conditioning")
@@ -350,15 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if not 0.0 <= args.test_fraction < 1.0:
-        raise SystemExit(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     cfg = BuildConfig(args.test_fraction, args.seed, args.id_chars, args.group_by,
                       args.min_tissue, args.max_summaries, args.keep_unsummarized,
                       str(args.split_file) if args.split_file else None,
                       str(args.mapping) if args.mapping else None)
     try:
         summary, card = build(args.tiles, args.summaries, args.out, cfg, args.overwrite)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, OutputLocked) as e:
         raise SystemExit(f"error: {e}") from e
     print(render_card(card))
     return summary.report()

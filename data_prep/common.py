@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -99,34 +102,54 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """All valid records of a JSONL file (read only); invalid lines are skipped with a warning."""
+    if not path.exists():
+        return []
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: skipping an invalid line (torn write?)", path, n)
+    return out
+
+
 class JsonlLog:
-    """Append-only JSONL file shared by worker threads; every line is flushed and fsynced."""
+    """Append-only JSONL file shared by worker threads; every line is flushed and fsynced.
+
+    Opening it repairs what a killed writer can leave: a torn last line is cut off (one
+    ``truncate``), and invalid lines elsewhere are dropped by an atomic rewrite, so strict JSONL
+    readers never meet them. Open it only while holding the file's :func:`output_lock`.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() and path.stat().st_size:
-            with path.open("rb") as fh:
-                fh.seek(-1, os.SEEK_END)
-                torn = fh.read(1) != b"\n"
-            if torn:  # a killed run left half a line: start a fresh line after it
-                with path.open("a", encoding="utf-8") as fh:
-                    fh.write("\n")
+            self._repair()
+
+    def _repair(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a killed run left half a line
+            logger.warning("%s: removing a torn last line of %d bytes (an interrupted write)",
+                           self.path, len(data) - end)
+            os.truncate(self.path, end)
+            data = data[:end]
+        lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+        good = [ln for ln in lines if ln.strip() and _is_json(ln)]
+        if len(good) < len([ln for ln in lines if ln.strip()]):
+            logger.warning("%s: dropping %d invalid line(s) (rewritten atomically)", self.path,
+                           len(lines) - len(good))
+            write_text_atomic(self.path, "".join(good))
 
     def records(self) -> list[dict]:
-        """All valid records; torn or invalid lines are skipped with a warning."""
-        if not self.path.exists():
-            return []
-        out = []
-        for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("%s:%d: skipping an invalid line (torn write?)", self.path, n)
-        return out
+        """All valid records."""
+        return read_jsonl(self.path)
 
     def append(self, record: dict) -> None:
         """Append one record atomically with respect to other threads."""
@@ -135,6 +158,14 @@ class JsonlLog:
             fh.write(line)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 @dataclass
@@ -176,3 +207,117 @@ def existing_file(value: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"no such file or directory: {value}")
     return path
+
+
+# ------------------------------------------------------------------------------ output lock
+class OutputLocked(RuntimeError):
+    """Another live run holds the output's lock; the message names it and its pid."""
+
+
+def lock_path_for(target: Path, tag: str = "") -> Path:
+    """The lock file of an output: ``DIR/.lock[tag]`` for a folder, ``FILE.lock`` for a file."""
+    if target.is_dir():
+        return target / f".lock{tag}"
+    return target.with_name(f"{target.name}.lock{tag}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _holder_pid(fd: int) -> int | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 64).decode("ascii", "replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def output_lock(target: str | Path, tag: str = "") -> Iterator[Path]:
+    """Hold an exclusive lock on ``target`` (a folder or file) for the duration of a run.
+
+    The lock is an ``flock`` on a lock file holding the holder's pid: the kernel drops it when
+    the holder dies (even by SIGKILL), so a stale lock file of a dead pid is simply taken over.
+    Raises :class:`OutputLocked` with a one-line message when a live run holds it.
+    """
+    path = lock_path_for(Path(target), tag)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder_pid(fd)
+            os.close(fd)
+            raise OutputLocked(f"{target} is in use by another run (pid {pid or '?'}, lock file "
+                               f"{path}); wait for it to finish or use another output") from None
+        # the previous holder may have removed the file between our open and flock: retry then
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    stale = _holder_pid(fd)
+    if stale is not None and stale != os.getpid():
+        logger.info("%s: taking over the lock of pid %d, which %s", target, stale,
+                    "is still alive but no longer holds it" if _pid_alive(stale)
+                    else "is no longer running")
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)  # closing drops the flock
+
+
+def remove_stale_tmp(folder: Path, pattern: str = "*.tmp") -> list[str]:
+    """Delete temporary files a killed run left in ``folder`` (call while holding its lock)."""
+    removed = []
+    for p in sorted(folder.glob(pattern)):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        logger.info("removed %d leftover temporary file(s) of a killed run in %s: %s",
+                    len(removed), folder, removed[:5])
+    return removed
+
+
+def file_fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """Size plus SHA-256 of the first and last ``edge`` bytes: cheap, survives copies."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        h.update(fh.read(edge))
+        if size > edge:
+            fh.seek(max(edge, size - edge))
+            h.update(fh.read(edge))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+# --------------------------------------------------------------------------------- CSV input
+def read_csv_table(path: Path, columns: Sequence[str], hint: str = "") -> list[dict[str, str]]:
+    """Rows of a UTF-8 CSV (a BOM, as Excel writes, is fine) with the named ``columns``.
+
+    A one-line ``ValueError`` names the file when it is not UTF-8 or lacks a column.
+    """
+    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            cols = reader.fieldnames or []
+            missing = [c for c in columns if c not in cols]
+            if missing:
+                raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols}"
+                                 + (f" ({hint})" if hint else ""))
+            return [{c: (row.get(c) or "") for c in columns} for row in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as "
+                         "UTF-8 (e.g. 'CSV UTF-8' in Excel)") from None
+    except csv.Error as e:
+        raise ValueError(f"{path}: malformed CSV ({e})") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,130 @@ def test_cli_help_both_ways():
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "--split-file" in res.stdout and "--id-chars" in res.stdout
+
+
+def _stores_state(out: Path) -> dict:
+    return {n: (out / n).read_bytes() for n in ("train.h5", "test.h5")}
+
+
+@pytest.mark.parametrize("bad", ["typo_path", "empty_file", "errors_only", "empties_split"])
+def test_bad_summaries_never_replace_stores(tmp_path, bad):
+    tiles, summaries = _make_inputs(tmp_path)
+    out = tmp_path / "ds"
+    base = ["--tiles", str(tiles), "--out", str(out), "--test-fraction", "0.5", "--seed", "3"]
+    assert main(base + ["--summaries", str(summaries)]) == 0
+    before = _stores_state(out)
+    assert all(len(_load(out / n)["slides"]) for n in before)
+    extra = []
+    if bad == "typo_path":
+        arg, match = tmp_path / "sumaries" / "s.jsonl", "no such file"
+    elif bad == "empty_file":
+        arg, match = tmp_path / "empty.jsonl", "no usable summaries"
+        arg.write_text("")
+    elif bad == "errors_only":
+        arg, match = tmp_path / "errors.jsonl", "no usable summaries"
+        arg.write_text(json.dumps({"report_id": "TCGA-A1-0001.r1", "summary_index": 0,
+                                   "status": "error", "reason": "HTTP 500"}) + "\n")
+    else:  # a split file that puts every slide in train would empty test.h5
+        arg, match = summaries, "would leave test empty"
+        split = tmp_path / "split.csv"
+        split.write_text("slide_id,split\n" + "".join(f"{s},train\n" for s in SLIDES))
+        extra = ["--split-file", str(split)]
+    with pytest.raises(SystemExit, match=match) as err:
+        main(base + ["--summaries", str(arg)] + extra)
+    assert "\n" not in str(err.value)
+    assert _stores_state(out) == before
+    assert not (tmp_path / "sumaries").exists()  # the mistyped folder is not created
+    if bad == "empties_split":  # asked for explicitly, it goes through
+        assert main(base + ["--summaries", str(arg), "--overwrite"] + extra) == 0
+        assert _load(out / "test.h5")["slides"] == []
+
+
+def test_leftover_tmp_is_removed_and_missing_inputs_named(tmp_path, capsys):
+    tiles, summaries = _make_inputs(tmp_path)
+    out = tmp_path / "ds"
+    args = ["--tiles", str(tiles), "--summaries", str(summaries), "--out", str(out)]
+    assert main(args) == 0
+    (out / "train.h5.tmp").write_bytes(b"half a store of a killed build")
+    assert main(args) == 0
+    assert "0 done, 2 skipped" in capsys.readouterr().out
+    assert not (out / "train.h5.tmp").exists()
+    for flag, value, match in (("--tiles", tmp_path / "nope", "no such folder"),
+                               ("--mapping", tmp_path / "m.csv", "no such file"),
+                               ("--out", summaries, "is a file")):
+        bad = list(args)
+        if flag in bad:
+            bad[bad.index(flag) + 1] = str(value)
+        else:
+            bad += [flag, str(value)]
+        with pytest.raises(SystemExit, match=match):
+            main(bad)
+    for opt, value in (("--test-fraction", "1.0"), ("--test-fraction", "nan"),
+                       ("--min-tissue", "-0.1"), ("--max-summaries", "0")):
+        with pytest.raises(SystemExit):
+            main(args + [opt, value])
+        assert value in capsys.readouterr().err
+
+
+def _add_patient(tiles: Path, summaries: Path, sid: str, shift: int) -> None:
+    src = tiles / f"{SLIDES[2]}.h5"
+    dst = tiles / f"{sid}.h5"
+    with h5py.File(src, "r") as f:
+        imgs, coords = list(f["tiles"][:]), f["coords"][:] + shift  # new content
+        tissue, tumor, til = f["tissue"][:], f["tumor_prob"][:], f["til_prob"][:]
+    write_tile_store(dst, imgs, coords, tissue, {"slide_id": sid, "tile_size": 16,
+                                                 "magnification": 10.0, "mpp": 0.5,
+                                                 "level0_tile_size": 512})
+    update_store_atomic(dst, {"tumor_prob": tumor, "til_prob": til}, {})
+    with summaries.open("a") as fh:
+        fh.write(json.dumps({"report_id": f"{sid[:12]}.rx", "summary_index": 0,
+                             "status": "ok", "text": "new", "model": "m"}) + "\n")
+
+
+def test_split_is_stable_when_patients_are_added(tmp_path):
+    tiles, summaries = _make_inputs(tmp_path)
+    args = ["--tiles", str(tiles), "--summaries", str(summaries), "--test-fraction", "0.4",
+            "--seed", "5"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    before = dict(line.split(",") for line in
+                  (tmp_path / "a" / "splits.csv").read_text().splitlines()[1:])
+    for i in range(12):  # twelve more patients
+        _add_patient(tiles, summaries, f"TCGA-N{i:02d}-{i:04d}-01Z-00-DX1.n{i}", i + 1)
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    after = dict(line.split(",") for line in
+                 (tmp_path / "b" / "splits.csv").read_text().splitlines()[1:])
+    assert len(after) == len(before) + 12
+    assert {s: after[s] for s in before} == before  # nobody moved
+    assert 0 < list(after.values()).count("test") < len(after)
+
+
+def test_inconsistent_split_files_and_duplicate_stores_refused(tmp_path):
+    tiles, summaries = _make_inputs(tmp_path)
+    out = tmp_path / "ds"
+    args = ["--tiles", str(tiles), "--summaries", str(summaries), "--out", str(out)]
+    listed = [s for s in SLIDES if "D4" not in s]  # D4 has no report: not needed in the file
+    split = tmp_path / "split.csv"
+
+    def refused(rows: list[str], match: str, *extra: str) -> None:
+        split.write_text("slide_id,split\n" + "".join(rows))
+        with pytest.raises(SystemExit, match=match) as err:
+            main(args + ["--split-file", str(split), *extra])
+        assert "\n" not in str(err.value) and not out.exists()
+
+    ok = [f"{s},{'test' if 'B2' in s else 'train'}\n" for s in listed]
+    refused(ok + [f"{listed[2]},train\n"], rf"split.csv:{len(ok) + 2}: slide {listed[2]} "
+                                           "is listed as both test and train")
+    refused(ok[1:], rf"1 slide\(s\) .* not listed: \['{listed[0]}'\]")
+    a1_split = [f"{listed[0]},test\n"] + ok[1:]
+    refused(a1_split, "patient TCGA-A1-0001 has slides in both train and test")
+    split.write_text("slide_id,split\n" + "".join(a1_split + [ok[2]]))  # exact repeat: fine
+    assert main(args + ["--split-file", str(split), "--group-by", "slide"]) == 0
+    shutil.rmtree(out)
+    shutil.copy(tiles / f"{SLIDES[0]}.h5", tiles / "renamed-copy.h5")
+    with pytest.raises(SystemExit, match="renamed-copy.h5 .* same slide id"):
+        main(args)
+    with h5py.File(tiles / "renamed-copy.h5", "a") as f:
+        f.attrs["slide_id"] = "renamed-copy"  # same tiles under another slide id
+    with pytest.raises(SystemExit, match="renamed-copy.h5 .* same content"):
+        main(args)
+    assert not out.exists()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import openslide
 from chat_server import ChatServer
+from slide_factory import write_svs
 
 from data_prep import build_dataset, summarize_reports, tile_wsi, tumor_til
 from data_prep.demo import run_demo
@@ -20,6 +22,7 @@ from ldm.data.tcga import TCGAPatchDataset
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 SLIDES = ["TCGA-D1-A001-01Z-00-DX1.copy1", "TCGA-D2-A002-01Z-00-DX1.copy2"]
+SPLIT_SEED = 0  # a seed whose hashes put the two patients on different sides at 0.5
 REPORTS = ["TCGA-D1-A001.uuid-1", "TCGA-D2-A002.uuid-2", "TCGA-ZZ-9999.uuid-9"]
 
 
@@ -77,8 +80,13 @@ def _wsinfer_csvs(tmp: Path, tiles: Path) -> int:
 def test_demo_slide_through_all_steps(tmp_path, monkeypatch):
     slides = tmp_path / "slides"
     slides.mkdir()
-    for sid in SLIDES:  # two copies stand in for two patients' slides
-        shutil.copy(DEMO / "CMU-1-Small-Region.svs", slides / f"{sid}.svs")
+    # the demo slide and its mirror image stand in for two patients' slides (two copies of
+    # one slide would be refused as a duplicate)
+    shutil.copy(DEMO / "CMU-1-Small-Region.svs", slides / f"{SLIDES[0]}.svs")
+    with openslide.OpenSlide(str(DEMO / "CMU-1-Small-Region.svs")) as s:
+        rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    write_svs(slides / f"{SLIDES[1]}.svs", np.ascontiguousarray(rgb[:, ::-1]), (1,), app_mag=20,
+              mpp=0.499)
     tiles = tmp_path / "tiles"
     assert tile_wsi.main([str(slides), "--out", str(tiles), "--min-tissue", "0.25"]) == 0
     uncovered = _wsinfer_csvs(tmp_path, tiles)
@@ -98,7 +106,8 @@ def test_demo_slide_through_all_steps(tmp_path, monkeypatch):
                                        server.base_url, "--n-summaries", "2"]) == 0
     out = tmp_path / "dataset"
     assert build_dataset.main(["--tiles", str(tiles), "--summaries", str(summaries),
-                               "--out", str(out), "--test-fraction", "0.5"]) == 0
+                               "--out", str(out), "--test-fraction", "0.5",
+                               "--seed", str(SPLIT_SEED)]) == 0
     train = check_training_store(out / "train.h5", "train")
     test = check_training_store(out / "test.h5", "test")
     assert sorted(train["slides"] + test["slides"]) == SLIDES  # one slide each, none in both
