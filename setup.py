@@ -9,11 +9,9 @@ INSTALL_REQUIRES = [
     "transformers>=4.40,<6",
     "huggingface_hub>=0.20",
     "open_clip_torch>=2.20,<4",
-    "openslide-python>=1.3,<2",
+    "openslide-python>=1.3,<2",  # core: the quick-start demo tiles a slide
     "openslide-bin>=4.0,<5",
     "h5py>=3.8,<4",
-    "openai>=1.0,<4",
-    "pytorch-fid>=0.3,<0.4",
     "einops>=0.6,<1",
     "tqdm>=4.60,<5",
     "pillow>=9.0",
@@ -25,10 +23,28 @@ INSTALL_REQUIRES = [
     "pyyaml>=6.0,<7",
 ]
 
-EXTRAS = {
-    "test": ["pytest>=7.4", "tifffile>=2023.1.1"],
-    "dev": ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4"],
-}
+DATA = ["openai>=1.0,<4"]  # report summaries through an OpenAI-compatible API
+EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
+TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", *DATA, *EVAL]
+EXTRAS = {"data": DATA, "eval": EVAL, "test": TEST, "dev": TEST}
+
+# `python scripts/<name>.py` and `python -m data_prep.<name>` keep working; these are the same
+# commands once installed.
+CONSOLE_SCRIPTS = [
+    "pathldm-train = main:main",
+    "pathldm-sample = scripts.console:sample",
+    "pathldm-fid = scripts.console:fid",
+    "pathldm-cas = scripts.console:cas",
+    "pathldm-eval-vae = scripts.console:eval_vae",
+    "pathldm-ckpt = scripts.console:ckpt_tools",
+    "pathldm-cache-latents = scripts.cache_latents:main",
+    "pathldm-demo = scripts.demo:main",
+    "pathldm-tile-wsi = data_prep.tile_wsi:main",
+    "pathldm-tumor-til = data_prep.tumor_til:main",
+    "pathldm-summarize-reports = data_prep.summarize_reports:main",
+    "pathldm-build-dataset = data_prep.build_dataset:main",
+    "pathldm-prepare-demo = data_prep.demo:main",
+]
 
 setup(
     name="pathldm",
@@ -38,8 +54,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*"]),
+    packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*", "scripts"]),
+    py_modules=["main"],
     package_data={"data_prep": ["prompts/*.txt"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -15,7 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import openai
+from ldm.optional import LazyModule
+
+openai = LazyModule("openai", "data", "Summarizing reports through an OpenAI-compatible API")
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

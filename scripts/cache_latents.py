@@ -20,8 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
 
 def first_stage_config(paths: list[str], ckpt: str | None):
     """The first-stage config of an LDM config, or an autoencoder config used as a first stage."""

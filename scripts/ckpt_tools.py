@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.checkpoint import (  # noqa: E402
+from ldm.checkpoint import (
     EMA_PREFIX,
     IGNORED_PREFIXES,
     IGNORED_SUFFIXES,
@@ -36,7 +33,7 @@ from ldm.checkpoint import (  # noqa: E402
     resolve_checkpoint,
     write_safetensors,
 )
-from ldm.evaluation.cli import configure_logging, format_table, run_main  # noqa: E402
+from ldm.evaluation.cli import configure_logging, format_table, run_main
 
 logger = logging.getLogger("ckpt_tools")
 FIRST_STAGE_PREFIX = "first_stage_model."

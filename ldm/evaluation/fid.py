@@ -6,12 +6,15 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch.nn.functional import adaptive_avg_pool2d
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from ldm.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -23,19 +26,23 @@ class InceptionWeightsNotFound(FileNotFoundError):
     """The FID Inception weights are neither given, cached nor downloadable."""
 
 
+def _pytorch_fid_inception() -> ModuleType:
+    """``pytorch_fid.inception``, or an error naming the ``[eval]`` extra."""
+    return require("pytorch_fid.inception", "eval", "FID and KID (pytorch-fid's Inception)")
+
+
 def default_inception_weights_path() -> Path:
     """Where pytorch-fid's download lands: ``$TORCH_HOME/hub/checkpoints/<FID_WEIGHTS_FILE>``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILE
 
 
 def _missing_weights_message(path: Path, reason: str) -> str:
-    from pytorch_fid.inception import FID_WEIGHTS_URL
-
+    url = _pytorch_fid_inception().FID_WEIGHTS_URL
     return (f"FID Inception weights not available ({reason}).\n"
             f"  needed file: {FID_WEIGHTS_FILE} (pytorch-fid's port of TF Inception 2015-12-05)\n"
             f"  looked at:   {path}\n"
             f"  fix: on a machine with internet run\n"
-            f"         wget {FID_WEIGHTS_URL}\n"
+            f"         wget {url}\n"
             f"       then copy the file to {default_inception_weights_path()} "
             f"(or set TORCH_HOME), or pass --inception-weights /path/to/{FID_WEIGHTS_FILE}")
 
@@ -52,11 +59,10 @@ def resolve_inception_state_dict(weights: str | Path | None = None,
         if not path.is_file():
             if not allow_download:
                 raise InceptionWeightsNotFound(_missing_weights_message(path, "not in cache"))
-            from pytorch_fid.inception import FID_WEIGHTS_URL
-
+            url = _pytorch_fid_inception().FID_WEIGHTS_URL
             try:
                 logger.info("downloading FID Inception weights to %s", path)
-                return torch.hub.load_state_dict_from_url(FID_WEIGHTS_URL, progress=True,
+                return torch.hub.load_state_dict_from_url(url, progress=True,
                                                           map_location="cpu")
             except Exception as e:  # offline, proxy, partial file: all get the same advice
                 raise InceptionWeightsNotFound(
@@ -77,8 +83,7 @@ def _inception_weights(state_dict: Mapping[str, torch.Tensor]) -> Iterator[None]
     pytorch-fid always fetches its weights by URL inside ``fid_inception_v3``; swapping that
     loader for the duration of the constructor keeps the architecture exactly pytorch-fid's.
     """
-    import pytorch_fid.inception as pfi
-
+    pfi = _pytorch_fid_inception()
     original = pfi.load_state_dict_from_url
     pfi.load_state_dict_from_url = lambda *args, **kwargs: dict(state_dict)
     try:
@@ -91,8 +96,7 @@ def load_inception(dims: int = 2048, weights: str | Path | None = None,
                    allow_download: bool = True,
                    device: torch.device | str | None = None) -> torch.nn.Module:
     """pytorch-fid's ``InceptionV3`` returning the block for ``dims`` features, in eval mode."""
-    from pytorch_fid.inception import InceptionV3
-
+    InceptionV3 = _pytorch_fid_inception().InceptionV3
     if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
         choices = sorted(InceptionV3.BLOCK_INDEX_BY_DIM)
         raise ValueError(f"dims must be one of {choices}, got {dims}")

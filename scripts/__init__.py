@@ -1,0 +1,1 @@
+"""The command-line tools; ``python scripts/<name>.py`` and the ``pathldm-*`` commands run them."""
