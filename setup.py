@@ -25,8 +25,11 @@ INSTALL_REQUIRES = [
 
 DATA = ["openai>=1.0,<4"]  # report summaries through an OpenAI-compatible API
 EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
-TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", *DATA, *EVAL]
-EXTRAS = {"data": DATA, "eval": EVAL, "test": TEST, "dev": TEST}
+# the local web app for pathologists (pathldm-app)
+APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
+# the app's tests drive the system Chromium through Selenium
+TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", "selenium>=4.20", *DATA, *EVAL, *APP]
+EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "test": TEST, "dev": TEST}
 
 # `python scripts/<name>.py` and `python -m data_prep.<name>` keep working; these are the same
 # commands once installed.
@@ -44,6 +47,7 @@ CONSOLE_SCRIPTS = [
     "pathldm-summarize-reports = data_prep.summarize_reports:main",
     "pathldm-build-dataset = data_prep.build_dataset:main",
     "pathldm-prepare-demo = data_prep.demo:main",
+    "pathldm-app = pathldm_app.cli:main",
 ]
 
 setup(
@@ -54,9 +58,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*", "scripts"]),
+    packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*", "scripts",
+                                    "pathldm_app", "pathldm_app.*"]),
     py_modules=["main"],
-    package_data={"data_prep": ["prompts/*.txt"]},
+    package_data={"data_prep": ["prompts/*.txt"],
+                  "pathldm_app": ["templates/*.html", "static/*"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
