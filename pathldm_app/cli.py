@@ -141,13 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or args.study_n < 1:
         logger.error("--batch-size and --study-n must be positive")
         return 2
-    try:
-        import uvicorn
+    from ldm.optional import MissingExtraError, require
 
-        from pathldm_app.web import create_app
-    except ImportError as e:
-        logger.error("the app needs its extra: pip install -e \".[app]\" (%s)", e)
+    try:
+        for module in ("fastapi", "uvicorn", "jinja2", "multipart"):
+            require(module, "app", "The web app")
+    except MissingExtraError as e:
+        logger.error("%s", e)
         return 2
+    import uvicorn
+
+    from pathldm_app.web import create_app
     try:
         state = build_state(args)
     except (FileNotFoundError, KeyError, ValueError, OSError, RuntimeError) as e:
