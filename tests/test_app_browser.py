@@ -57,6 +57,16 @@ def by_id(driver, element_id: str):
     return driver.find_element("id", element_id)
 
 
+def submit_and_wait(driver, button_id: str) -> None:
+    """Click a submit button and wait until the browser has left the page."""
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    button = by_id(driver, button_id)
+    button.click()
+    WebDriverWait(driver, 60).until(ec.staleness_of(button))
+
+
 def login(driver, server: AppServer, name: str, path: str) -> None:
     driver.get(server.url + path)
     assert "/login" in driver.current_url  # no session yet
@@ -132,8 +142,7 @@ def answer_trials(driver, server: AppServer, truth: dict[str, str], n: int,
         choice = flip[truth[item]] if (wrong_first and k == 0) else truth[item]
         by_id(driver, f"answer-{choice}").click()
         by_id(driver, "confidence-4").click()
-        by_id(driver, "submit-answer").click()
-        wait_for(lambda: driver.current_url.endswith("/study"), what="next trial")
+        submit_and_wait(driver, "submit-answer")
         seen.append(item)
     return seen
 
@@ -153,19 +162,22 @@ def test_app_in_browser(tmp_path, tiny_clip_dir):
         assert sorted(items.values()) == ["real"] * 3 + ["synthetic"] * 3
         driver.get(server.url + "/study")
         shot(driver, "study")
+        # a second reader with her own session answers "synthetic" throughout, in between
+        other = HttpReader(server.url, "Dr B")
+        order = sorted(items)
         first = answer_trials(driver, server, items, 3, wrong_first=True)
-        assert len(rows(db, "SELECT * FROM study_answers")) == 3
+        for item in order[:3]:
+            other.post("/study/answer", {"item": item, "answer": "synthetic", "confidence": 2})
+        assert len(rows(db, "SELECT * FROM study_answers")) == 6
         server.kill()  # SIGKILL mid-study
-        server.start()  # same settings and port: the session cookie is still valid
+        server.start()  # same settings and port: the session cookies are still valid
         driver.get(server.url + "/study")
         assert by_id(driver, "trial").text == "4 / 6"
-        rest = answer_trials(driver, server, items, 3, wrong_first=False)
-        assert sorted(first + rest) == sorted(items)
-        assert "all 6 images" in by_id(driver, "finished").text
-        # a second reader with her own session answers "synthetic" throughout
-        other = HttpReader(server.url, "Dr B")
-        for item in items:
+        for item in order[3:]:
             other.post("/study/answer", {"item": item, "answer": "synthetic", "confidence": 2})
+        rest = answer_trials(driver, server, items, 3, wrong_first=False)
+        assert sorted(first + rest) == order
+        assert "all 6 images" in by_id(driver, "finished").text
         with cookie_opener(driver).open(server.url + "/study/stats.json", timeout=30) as r:
             stats = json.loads(r.read())
     finally:
@@ -174,8 +186,8 @@ def test_app_in_browser(tmp_path, tiny_clip_dir):
 
     answers = rows(db, "SELECT a.*, s.json FROM study_answers a JOIN settings s "
                        "ON s.id = a.settings_id ORDER BY a.id")
-    assert [(r["reader"], r["confidence"]) for r in answers] == ([("Dr A", 4)] * 6
-                                                                 + [("Dr B", 2)] * 6)
+    assert [(r["reader"], r["confidence"]) for r in answers] == (
+        [("Dr A", 4)] * 3 + [("Dr B", 2)] * 6 + [("Dr A", 4)] * 3)
     assert all(r["created"].endswith("Z") and json.loads(r["json"])["study_n"] == 3
                for r in answers)
     a = stats["readers"]["Dr A"]
@@ -200,3 +212,59 @@ def test_app_in_browser(tmp_path, tiny_clip_dir):
     assert len(fixed) == 1 and fixed[0]["text"] == "corrected summary: grade 2 ductal carcinoma"
     assert fixed[0]["review"]["original_text"].startswith("summary 0 of report")
     assert fixed[0]["review"]["comment"] == "grade was wrong" and fixed[0]["fits"] is True
+
+
+@pytest.mark.slow
+def test_three_readers_in_parallel_stratified(tmp_path, tiny_clip_dir):
+    """Three browsers answer in turn; sessions stay apart; Fleiss' kappa of their answers."""
+    inputs = make_inputs(tmp_path, tiny_clip_dir)
+    db = inputs["workdir"] / "app.sqlite"
+    server = AppServer(inputs, study_n=2, extra=["--stratify"]).start()
+    drivers = {name: chrome(800, 600) for name in ("Dr A", "Dr B", "Dr C")}
+    try:
+        for name, driver in drivers.items():
+            login(driver, server, name, "/study")
+        items = {r["item"]: r for r in rows(db, "SELECT * FROM study_items")}
+        assert {r["stratum"] for r in items.values()} == {"high tumor / low til"}
+        assert sorted(r["source"] for r in items.values()) == ["real"] * 2 + ["synthetic"] * 2
+        seen: dict[str, list[str]] = {name: [] for name in drivers}
+        for k in range(len(items)):
+            for i, (name, driver) in enumerate(drivers.items()):
+                driver.get(server.url + "/study")
+                assert by_id(driver, "trial").text == f"{k + 1} / {len(items)}"
+                item = driver.find_element("name", "item").get_attribute("value")
+                seen[name].append(item)
+                # A always right, B always "real", C right except on its first image
+                truth = items[item]["source"]
+                choice = {0: truth, 1: "real"}.get(i, truth if k else
+                                                   {"real": "synthetic"}.get(truth, "real"))
+                by_id(driver, f"answer-{choice}").click()
+                by_id(driver, f"confidence-{i + 1}").click()
+                submit_and_wait(driver, "submit-answer")
+        assert all(sorted(v) == sorted(items) for v in seen.values())
+        assert len({tuple(v) for v in seen.values()}) > 1  # each reader has an own order
+        with cookie_opener(drivers["Dr C"]).open(server.url + "/study/stats.json") as r:
+            stats = json.loads(r.read())
+    finally:
+        for driver in drivers.values():
+            driver.quit()
+        server.stop()
+    answers = rows(db, "SELECT reader, item, answer, confidence FROM study_answers")
+    assert len(answers) == 12
+    assert {(r["reader"], r["confidence"]) for r in answers} == {("Dr A", 1), ("Dr B", 2),
+                                                                  ("Dr C", 3)}
+    assert stats["readers"]["Dr A"]["accuracy"]["value"] == 1.0
+    assert stats["readers"]["Dr B"]["specificity"]["value"] == 1.0
+    assert stats["readers"]["Dr B"]["sensitivity"]["value"] == 0.0
+    assert stats["readers"]["Dr C"]["accuracy"]["successes"] == 3
+    # Fleiss' kappa by hand from the stored answers
+    by_item: dict[str, list[str]] = {}
+    for r in answers:
+        by_item.setdefault(r["item"], []).append(r["answer"])
+    n_real = [a.count("real") for a in by_item.values()]
+    p_i = [(x * x + (3 - x) ** 2 - 3) / 6 for x in n_real]
+    p_real = sum(n_real) / 12
+    pe = p_real ** 2 + (1 - p_real) ** 2
+    expected = (sum(p_i) / 4 - pe) / (1 - pe)
+    assert stats["agreement"]["fleiss_kappa"] == pytest.approx(expected)
+    assert set(stats["strata"]) == {"high tumor / low til"}
