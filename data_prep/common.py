@@ -321,3 +321,4 @@ def read_csv_table(path: Path, columns: Sequence[str], hint: str = "") -> list[d
                          "UTF-8 (e.g. 'CSV UTF-8' in Excel)") from None
     except csv.Error as e:
         raise ValueError(f"{path}: malformed CSV ({e})") from None
+

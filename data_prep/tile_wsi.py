@@ -6,7 +6,10 @@ per pixel (magnification = 10 / mpp, the usual 10x = 1 um/px convention), else f
 tiles are read from the best pyramid level for the needed downsample and resized. Tissue is
 detected on a thumbnail (Otsu threshold on HSV saturation, clamped to a sane range) and tiles
 with less than ``--min-tissue`` tissue are skipped. One store per slide is written atomically;
-rerunning skips slides whose store exists, so an interrupted run resumes.
+rerunning skips slides whose store exists, so an interrupted run resumes. A store records the
+settings and a fingerprint of its slide file: a rerun with other settings is refused (nothing is
+redone or deleted), and a slide whose file changed is tiled again. The output folder is locked
+while a run works on it (per ``--shard``), and worker processes die with the run.
 
 Example::
 
@@ -16,13 +19,11 @@ Example::
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
-import multiprocessing as mp
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,13 +35,24 @@ from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 from data_prep.common import (
+    OutputLocked,
     RunSummary,
     add_logging_arg,
+    file_fingerprint,
+    output_lock,
     parse_shard,
+    remove_stale_tmp,
     select_shard,
     setup_logging,
 )
-from data_prep.hdf5io import encode_jpeg, is_complete_tile_store, write_tile_store
+from data_prep.hdf5io import (
+    encode_jpeg,
+    is_complete_tile_store,
+    read_store_attrs,
+    write_tile_store,
+)
+from data_prep.workers import exit_description, run_per_item
+from ldm.argtypes import int_in, positive_float, positive_int, unit_float
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +62,9 @@ THUMB_PX_PER_TILE = 32  # thumbnail resolution of the tissue mask, in pixels per
 MAX_THUMB_SIDE = 8192  # bounds the thumbnail's memory for very large slides
 SATURATION_RANGE = (15, 40)  # clamp of the Otsu threshold on 0-255 saturation
 MIN_VALUE = 30  # pixels darker than this (0-255) are scanner borders, not tissue
+# store attribute -> TileConfig field: the settings a store must share with a run to be kept
+SETTING_ATTRS = {"magnification": "magnification", "tile_size": "tile_size", "stride": "step",
+                 "min_tissue": "min_tissue", "jpeg_quality": "jpeg_quality"}
 
 
 class SlideError(RuntimeError):
@@ -256,7 +271,10 @@ def tile_slide(path: Path, out_dir: Path, cfg: TileConfig, overwrite: bool = Fal
     out = out_dir / f"{sid}.h5"
     t0 = time.perf_counter()
     if not overwrite and is_complete_tile_store(out):
-        return {"slide_id": sid, "status": "skipped", "tiles": 0, "seconds": 0.0}
+        changed = _source_changed(out, path)
+        if not changed:
+            return {"slide_id": sid, "status": "skipped", "tiles": 0, "seconds": 0.0}
+        logger.warning("%s: %s; tiling it again", out.name, changed)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         slide = _open_slide(path)
@@ -282,10 +300,13 @@ def _tile_open_slide(slide, path: Path, out: Path, cfg: TileConfig) -> int:
     coords = grid_positions(geom)
     tissue = tissue_fractions(slide, geom, coords) if len(coords) else np.zeros(0, np.float32)
     keep = tissue >= cfg.min_tissue
+    tissue_max = float(tissue.max()) if tissue.size else 0.0
     coords, tissue = coords[keep], tissue[keep]
     logger.info("%s: %s, level %d (downsample %.3f), %d of %d tiles with tissue >= %.2f", sid,
                 f"{geom.base_magnification:g}x -> {cfg.magnification:g}x", geom.level,
                 geom.level_downsample, len(coords), int(keep.size), cfg.min_tissue)
+    if len(coords) == 0:
+        raise SlideError(_no_tiles_reason(path, slide, geom, keep.size, tissue_max, cfg))
     tiles = []
     bar = tqdm(coords, desc=sid, unit="tile", leave=False, disable=not cfg.show_progress)
     for x, y in bar:
@@ -297,9 +318,49 @@ def _tile_open_slide(slide, path: Path, out: Path, cfg: TileConfig) -> int:
         "level0_stride": geom.level0_stride, "read_level": geom.level,
         "jpeg_quality": cfg.jpeg_quality, "min_tissue": cfg.min_tissue,
         "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
+        "source_fingerprint": file_fingerprint(path),
     }
     write_tile_store(out, tiles, coords, tissue, attrs)
     return len(tiles)
+
+
+def _no_tiles_reason(path: Path, slide, geom: Geometry, n_grid: int, tissue_max: float,
+                     cfg: TileConfig) -> str:
+    """Why a slide gave no tile: smaller than one tile, or no tile with enough tissue."""
+    if n_grid == 0:
+        w, h = geom.extent
+        return (f"{path}: the slide ({w}x{h} level-0 px) is smaller than one tile "
+                f"({geom.level0_tile} level-0 px for --tile-size {cfg.tile_size} at "
+                f"{cfg.magnification:g}x); use a smaller --tile-size or a lower --magnification")
+    return (f"{path}: none of its {n_grid} tiles has tissue >= --min-tissue {cfg.min_tissue:g} "
+            f"(most: {tissue_max:.2f}); lower --min-tissue if this slide has tissue")
+
+
+def _source_changed(store: Path, path: Path) -> str | None:
+    """Why ``store`` no longer matches the slide file ``path`` (None: it matches)."""
+    try:
+        stored = read_store_attrs(store).get("source_fingerprint")
+        now = file_fingerprint(path)
+    except OSError:
+        return None  # the slide is unreadable: tiling it again would only fail
+    if stored is not None and stored != now:
+        return f"its slide file {path.name} changed since it was tiled"
+    return None
+
+
+def settings_conflicts(paths: list[Path], out_dir: Path, cfg: TileConfig) -> list[str]:
+    """Existing stores of ``paths`` tiled with other settings, one description each."""
+    conflicts = []
+    for p in paths:
+        store = out_dir / f"{slide_id_of(p)}.h5"
+        if not is_complete_tile_store(store):
+            continue
+        attrs = read_store_attrs(store)
+        diffs = [f"{a} {attrs[a]} (now {getattr(cfg, f)})" for a, f in SETTING_ATTRS.items()
+                 if a in attrs and not math.isclose(float(attrs[a]), float(getattr(cfg, f)))]
+        if diffs:
+            conflicts.append(f"{store.name}: " + ", ".join(diffs))
+    return conflicts
 
 
 def discover_slides(inputs: list[Path], slide_list: Path | None = None) -> list[Path]:
@@ -362,17 +423,13 @@ def _iter_results(paths, out_dir, cfg, workers, overwrite, log_level):
             yield tile_slide(p, out_dir, cfg, overwrite)
         return
     quiet = TileConfig(**{**asdict(cfg), "show_progress": False})
-    ctx = mp.get_context("spawn")  # OpenSlide handles must not be shared across a fork
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=setup_logging,
-                             initargs=(log_level,)) as pool:
-        futures = {pool.submit(tile_slide, p, out_dir, quiet, overwrite): p for p in paths}
-        for fut in as_completed(futures):
-            p = futures[fut]
-            try:
-                yield fut.result()
-            except BrokenProcessPool as e:
-                yield {"slide_id": slide_id_of(p), "status": "failed",
-                       "error": f"{p}: worker process died ({e})"}
+    fn = functools.partial(tile_slide, out_dir=out_dir, cfg=quiet, overwrite=overwrite)
+    for path, result, code in run_per_item(fn, paths, workers, log_level):
+        yield result if result is not None else {
+            "slide_id": slide_id_of(path), "status": "failed",
+            "error": f"{path}: the worker process died while tiling this slide "
+                     f"({exit_description(code)}; out of memory, or a crash in the slide "
+                     "reader?)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -385,23 +442,24 @@ def build_parser() -> argparse.ArgumentParser:
                         + ", ".join(SLIDE_EXTENSIONS) + ")")
     p.add_argument("--out", required=True, type=Path, help="output directory of <slide_id>.h5")
     p.add_argument("--slide-list", type=Path, help="text file with one slide path per line")
-    p.add_argument("--magnification", type=float, default=10.0,
+    p.add_argument("--magnification", type=positive_float, default=10.0,
                    help="target magnification of the tiles (default: %(default)s)")
-    p.add_argument("--tile-size", type=int, default=256,
+    p.add_argument("--tile-size", type=positive_int, default=256,
                    help="tile side in pixels at the target magnification (default: %(default)s; "
                         "use a larger size for random-crop training)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="step between tiles in output pixels (default: tile size, no overlap)")
-    p.add_argument("--min-tissue", type=float, default=0.5,
+    p.add_argument("--min-tissue", type=unit_float, default=0.5,
                    help="minimum tissue fraction of a kept tile; 0 keeps all "
                         "(default: %(default)s)")
-    p.add_argument("--jpeg-quality", type=int, default=80,
+    p.add_argument("--jpeg-quality", type=int_in(1, 100), default=80,
                    help="JPEG quality; 80 keeps 256x256 H&E tiles near 20 KB "
                         "(default: %(default)s)")
-    p.add_argument("--mpp", type=float, default=None,
+    p.add_argument("--mpp", type=positive_float, default=None,
                    help="level-0 microns per pixel for slides that record neither objective "
                         "power nor mpp (ignored for slides that do)")
-    p.add_argument("--workers", type=int, default=1, help="parallel slide processes")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="parallel slide processes (one process per slide)")
     p.add_argument("--shard", default=None,
                    help="process only shard i of n ('i/n', 0-based) of the sorted slide list")
     p.add_argument("--overwrite", action="store_true", help="redo slides that are already tiled")
@@ -413,10 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.tile_size < 1 or (args.stride is not None and args.stride < 1):
-        raise SystemExit("--tile-size and --stride must be positive")
-    if not 0.0 <= args.min_tissue <= 1.0:
-        raise SystemExit(f"--min-tissue must be in [0, 1], got {args.min_tissue}")
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file, not a folder")
     try:
         paths = discover_slides(args.inputs, args.slide_list)
         paths = select_shard(paths, parse_shard(args.shard))
@@ -427,7 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TileConfig(args.magnification, args.tile_size, args.stride, args.min_tissue,
                      args.jpeg_quality, args.mpp)
     logger.info("tiling %d slides into %s (%s)", len(paths), args.out, cfg)
-    summary = run_tiling(paths, args.out, cfg, args.workers, args.overwrite, args.log_level)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "" if args.shard is None else "-shard-{}-of-{}".format(*parse_shard(args.shard))
+    try:
+        with output_lock(args.out, tag):
+            remove_stale_tmp(args.out)
+            conflicts = [] if args.overwrite else settings_conflicts(paths, args.out, cfg)
+            if conflicts:
+                raise SystemExit(
+                    f"error: {len(conflicts)} store(s) in {args.out} were tiled with other "
+                    f"settings ({conflicts[0]}{'; ...' if len(conflicts) > 1 else ''}); use "
+                    "another --out, the same settings, or --overwrite to tile them again")
+            summary = run_tiling(paths, args.out, cfg, args.workers, args.overwrite,
+                                 args.log_level)
+    except OutputLocked as e:
+        raise SystemExit(f"error: {e}") from e
     return summary.report()
 
 
