@@ -129,7 +129,9 @@ def load_config(source: ConfigSource) -> dict[str, Any]:
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"config not found: {p}")
-    merged = OmegaConf.merge(*[OmegaConf.load(p) for p in paths])
+    from ldm.config import merge_configs
+
+    merged = merge_configs(*[OmegaConf.load(p) for p in paths])
     return OmegaConf.to_container(merged, resolve=True)
 
 

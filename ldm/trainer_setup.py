@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.config import merge_configs
+
 logger = logging.getLogger(__name__)
 
 RUN_TIMESTAMP_ENV = "PATHLDM_RUN_TIMESTAMP"
@@ -115,11 +117,16 @@ def load_config(paths: Sequence[str | Path], dotlist: Sequence[str]) -> DictConf
         cli = OmegaConf.from_dotlist(list(dotlist))
     except Exception as e:
         raise ConfigError(f"cannot parse overrides {list(dotlist)}: {e}") from e
-    config = OmegaConf.merge(*configs, cli)
+    try:
+        config = merge_configs(*configs, cli)
+    except ValueError as e:
+        raise ConfigError(f"cannot merge {', '.join(map(str, paths))}: {e}") from e
     for section in ("model", "data"):
         if section not in config or "target" not in config[section]:
             raise ConfigError(f"the merged config has no '{section}.target' (files: "
-                              f"{', '.join(map(str, paths))})")
+                              f"{', '.join(map(str, paths))}); an overlay such as "
+                              "configs/ablations/*.yaml goes after the config it changes: "
+                              "--base configs/pathldm.yaml configs/ablations/clip_text.yaml")
     return config
 
 

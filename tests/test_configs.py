@@ -7,6 +7,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ldm.config import merge_configs
 from ldm.data.tcga import TCGAPatchDataset
 from ldm.util import get_obj_from_str, instantiate_from_config
 
@@ -19,7 +20,7 @@ def load_merged(path: Path) -> DictConfig:
     """A config, or an overlay (no ``model.target``) merged over ``configs/pathldm.yaml``."""
     cfg = OmegaConf.load(path)
     if "target" not in cfg.get("model", {}):
-        cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "pathldm.yaml"), cfg)
+        cfg = merge_configs(OmegaConf.load(ROOT / "configs" / "pathldm.yaml"), cfg)
     return cfg
 
 
@@ -113,7 +114,7 @@ def test_every_config_builds_its_model_data_and_callbacks(path, tiny_clip_dir):
 
 def test_plip_row_is_the_main_config():
     ours = OmegaConf.load(ROOT / "configs" / "pathldm.yaml")
-    assert ours == OmegaConf.load(ROOT / "configs" / "ablations" / "plip_text.yaml")
+    assert ours == load_merged(ROOT / "configs" / "ablations" / "plip_text.yaml")
 
 
 def test_main_config_matches_the_paper():
@@ -150,8 +151,8 @@ def test_ablation_rows_differ_from_the_main_config_only_where_they_should():
                                 "data.params.validation.path"},
     }
     for name, keys in expected.items():
-        other = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "ablations" / name))
+        other = OmegaConf.to_container(load_merged(ROOT / "configs" / "ablations" / name))
         assert set(diff(main, other)) == keys, name
-    modes = {n: OmegaConf.load(ROOT / "configs" / "ablations" / n).data.params.train.summary_mode
+    modes = {n: load_merged(ROOT / "configs" / "ablations" / n).data.params.train.summary_mode
              for n in ("random_summary.yaml", "five_summaries.yaml")}
     assert modes == {"random_summary.yaml": "wrong_slide", "five_summaries.yaml": "random"}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ldm.config import merge_configs
 from ldm.util import instantiate_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +57,9 @@ def manifest(name: str) -> list[tuple[str, tuple, str]]:
 
 
 def build(config: str, text_dir: Path, **params) -> list[tuple[str, tuple, str]]:
-    cfg = OmegaConf.load(ROOT / "configs" / config).model
+    # the ablation rows are overlays on pathldm.yaml (merging pathldm.yaml on itself is a no-op)
+    cfg = merge_configs(*[OmegaConf.load(ROOT / "configs" / c)
+                          for c in ("pathldm.yaml", config)]).model
     p = cfg.params
     for stage in (p, p.unet_config.params, p.first_stage_config.params):
         stage.pop("ckpt_path", None)
