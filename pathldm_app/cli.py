@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--token", default=os.environ.get("PATHLDM_APP_TOKEN"),
                    help="access token readers must enter (default: $PATHLDM_APP_TOKEN); "
                         "required for a non-loopback --host")
+    w.add_argument("--export-study", type=Path, default=None, metavar="JSON",
+                   help="write the reader study's statistics from the database and exit")
     w.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -128,12 +130,33 @@ def build_state(args: argparse.Namespace) -> Any:
     return st
 
 
+def export_study(db_path: Path, out: Path) -> dict[str, Any]:
+    """Write the study statistics of an existing database as JSON."""
+    from ldm.evaluation.images import write_json
+    from pathldm_app.storage import Database
+    from pathldm_app.study import study_report
+
+    if not db_path.is_file():
+        raise FileNotFoundError(f"app database not found: {db_path}")
+    report = study_report(Database(db_path))
+    write_json(report, out)
+    logger.info("%d answers of %d readers -> %s", report["answers"], len(report["readers"]), out)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.export_study is not None:
+        try:
+            export_study(args.db or args.workdir / "app.sqlite", args.export_study)
+        except (OSError, ValueError) as e:
+            logger.error("%s", e)
+            return 1
+        return 0
     if not is_loopback(args.host) and not args.token:
         logger.error("refusing to listen on %s without an access token: set --token or "
                      "PATHLDM_APP_TOKEN (or use --host 127.0.0.1)", args.host)

@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from pathldm_app.stats import LABELS, study_statistics
-from pathldm_app.study import reader_order
+from pathldm_app.stats import LABELS
+from pathldm_app.study import reader_order, study_report
 from pathldm_app.web import AppState, reader_of, render, state_of
 
 router = APIRouter()
@@ -36,13 +36,6 @@ def next_item(st: AppState, reader: str) -> tuple[dict[str, Any] | None, int]:
     return None, len(answered)
 
 
-def statistics(st: AppState) -> dict[str, Any]:
-    """The exported statistics: settings, metrics and agreement."""
-    stats = study_statistics(st.db.answers())
-    return {"settings": st.settings, "items": len(st.study_items),
-            "positive_class": "synthetic", **stats}
-
-
 @router.get("/study", response_class=HTMLResponse)
 def study_page(request: Request) -> Response:
     """The next trial, or the results once every item is answered."""
@@ -51,7 +44,7 @@ def study_page(request: Request) -> Response:
     item, answered = next_item(st, reader)
     total = len(st.study_items)
     if item is None:
-        stats = statistics(st)
+        stats = study_report(st.db)
         return render(request, "study_done.html", total=total, stats=stats,
                       mine=stats["readers"].get(reader))
     return render(request, "study.html", item_id=item["item"], number=answered + 1, total=total,
@@ -92,5 +85,5 @@ def export(request: Request) -> Response:
     item, _ = next_item(st, reader)
     if item is not None:
         raise HTTPException(403, "the statistics open once you have answered every item")
-    return JSONResponse(statistics(st), headers={
+    return JSONResponse(study_report(st.db), headers={
         "Content-Disposition": 'attachment; filename="reader_study_stats.json"'})

@@ -159,6 +159,13 @@ class Database:
                 "JOIN study_items i ON i.item = a.item ORDER BY a.id").fetchall()
         return [dict(r) for r in rows]
 
+    def answer_settings(self) -> list[dict[str, Any]]:
+        """The distinct app settings the stored answers were given under."""
+        with self.connect() as conn:
+            rows = conn.execute("SELECT json FROM settings WHERE id IN (SELECT settings_id FROM "
+                                "study_answers) ORDER BY id").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     # summary reviews ------------------------------------------------------------------------
     def store_review(self, review: dict[str, Any]) -> None:
         """Commit one summary review."""

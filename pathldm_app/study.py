@@ -20,6 +20,8 @@ from PIL import Image
 
 from ldm.data.captions import level_name, prob_to_level
 from ldm.evaluation.images import SplitStore, list_image_files
+from pathldm_app.stats import study_statistics
+from pathldm_app.storage import Database
 
 ALL = "all"
 
@@ -104,6 +106,12 @@ def build_plan(cfg: StudyConfig) -> list[dict[str, Any]]:
     order = rng.permutation(len(items))
     return [{**items[j], "position": p, "item": secrets.token_urlsafe(12)}
             for p, j in enumerate(order)]
+
+
+def study_report(db: Database) -> dict[str, Any]:
+    """The exported statistics: metrics and agreement, with the settings answers were given in."""
+    return {"items": len(db.study_items()), "positive_class": "synthetic",
+            "settings": db.answer_settings(), **study_statistics(db.answers())}
 
 
 def reader_order(n_items: int, seed: int, reader: str) -> list[int]:

@@ -147,8 +147,47 @@ def answer_trials(driver, server: AppServer, truth: dict[str, str], n: int,
     return seen
 
 
-def test_app_in_browser(tmp_path, tiny_clip_dir):
+def check_study(db: Path, stats: dict, items: dict[str, str], first_item: str,
+                exported: Path) -> None:
+    """Stored answers and the statistics (browser export and command-line export)."""
+    answers = rows(db, "SELECT a.*, s.json FROM study_answers a JOIN settings s "
+                       "ON s.id = a.settings_id ORDER BY a.id")
+    assert [(r["reader"], r["confidence"]) for r in answers] == (
+        [("Dr A", 4)] * 3 + [("Dr B", 2)] * 6 + [("Dr A", 4)] * 3)
+    assert all(r["created"].endswith("Z") and json.loads(r["json"])["study_n"] == 3
+               for r in answers)
+    a = stats["readers"]["Dr A"]
+    assert a["accuracy"]["successes"] == 5 and a["accuracy"]["n"] == 6
+    wrong = items[first_item]  # the one wrong answer was on the first item
+    assert a["sensitivity"]["successes"] == (2 if wrong == "synthetic" else 3)
+    assert a["specificity"]["successes"] == (2 if wrong == "real" else 3)
+    b = stats["readers"]["Dr B"]
+    assert (b["sensitivity"]["value"], b["specificity"]["value"]) == (1.0, 0.0)
+    # Dr B is constant, so expected agreement equals observed: Cohen's kappa is 0
+    assert stats["agreement"]["items"] == 6 and stats["agreement"]["cohen_kappa"] == 0.0
+    assert [s["study_n"] for s in stats["settings"]] == [3]
+    assert json.loads(exported.read_text()) == stats
+
+
+def check_review(db: Path, summaries: Path, out: Path) -> None:
+    """Stored verdicts, exported as a new summaries version."""
     from data_prep.summary_review import main as review_main
+
+    reviews = rows(db, "SELECT * FROM summary_reviews ORDER BY id")
+    assert [(r["reviewer"], r["verdict"]) for r in reviews] == [
+        ("Dr A", "needs_correction"), ("Dr A", "acceptable")]
+    assert review_main(["export", "--db", str(db), "--summaries", str(summaries),
+                        "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 40 and {r["version"] for r in records} == {2}
+    fixed = [r for r in records if r.get("review", {}).get("verdict") == "needs_correction"]
+    assert len(fixed) == 1 and fixed[0]["text"] == "corrected summary: grade 2 ductal carcinoma"
+    assert fixed[0]["review"]["original_text"].startswith("summary 0 of report")
+    assert fixed[0]["review"]["comment"] == "grade was wrong" and fixed[0]["fits"] is True
+
+
+def test_app_in_browser(tmp_path, tiny_clip_dir):
+    from pathldm_app.cli import main as app_main
 
     inputs = make_inputs(tmp_path, tiny_clip_dir)
     db = inputs["workdir"] / "app.sqlite"
@@ -183,35 +222,10 @@ def test_app_in_browser(tmp_path, tiny_clip_dir):
     finally:
         driver.quit()
         server.stop()
-
-    answers = rows(db, "SELECT a.*, s.json FROM study_answers a JOIN settings s "
-                       "ON s.id = a.settings_id ORDER BY a.id")
-    assert [(r["reader"], r["confidence"]) for r in answers] == (
-        [("Dr A", 4)] * 3 + [("Dr B", 2)] * 6 + [("Dr A", 4)] * 3)
-    assert all(r["created"].endswith("Z") and json.loads(r["json"])["study_n"] == 3
-               for r in answers)
-    a = stats["readers"]["Dr A"]
-    assert a["accuracy"]["successes"] == 5 and a["accuracy"]["n"] == 6
-    wrong_first = items[first[0]]  # the one wrong answer was on the first item
-    assert a["sensitivity"]["successes"] == (2 if wrong_first == "synthetic" else 3)
-    assert a["specificity"]["successes"] == (2 if wrong_first == "real" else 3)
-    b = stats["readers"]["Dr B"]
-    assert (b["sensitivity"]["value"], b["specificity"]["value"]) == (1.0, 0.0)
-    # Dr B is constant, so expected agreement equals observed: Cohen's kappa is 0
-    assert stats["agreement"]["items"] == 6 and stats["agreement"]["cohen_kappa"] == 0.0
-
-    reviews = rows(db, "SELECT * FROM summary_reviews ORDER BY id")
-    assert [(r["reviewer"], r["verdict"]) for r in reviews] == [
-        ("Dr A", "needs_correction"), ("Dr A", "acceptable")]
-    out = tmp_path / "summaries_v2.jsonl"
-    assert review_main(["export", "--db", str(db), "--summaries", str(inputs["summaries"]),
-                        "--out", str(out)]) == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 40 and {r["version"] for r in records} == {2}
-    fixed = [r for r in records if r.get("review", {}).get("verdict") == "needs_correction"]
-    assert len(fixed) == 1 and fixed[0]["text"] == "corrected summary: grade 2 ductal carcinoma"
-    assert fixed[0]["review"]["original_text"].startswith("summary 0 of report")
-    assert fixed[0]["review"]["comment"] == "grade was wrong" and fixed[0]["fits"] is True
+    exported = tmp_path / "stats.json"
+    assert app_main(["--workdir", str(inputs["workdir"]), "--export-study", str(exported)]) == 0
+    check_study(db, stats, items, first[0], exported)
+    check_review(db, inputs["summaries"], tmp_path / "summaries_v2.jsonl")
 
 
 @pytest.mark.slow
