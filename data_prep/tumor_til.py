@@ -15,7 +15,10 @@ Sources, chosen separately for tumor and TIL:
   Deterministic and labelled as such in the store.
 
 Stores are updated atomically (edited copy renamed over the original); a rerun skips slides
-whose probabilities already come from the same source.
+whose probabilities already come from the same source *and* the same input (a fingerprint of
+the CSV or model file is stored), and recomputes them when the input changed. Raw values outside
+[0, 1], a CSV whose patches overlap no tile, and truncated stores are named failures. The tile
+folder is locked while a run works on it.
 
 Example::
 
@@ -25,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -42,8 +44,20 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.common import RunSummary, add_logging_arg, parse_shard, select_shard, setup_logging
+from data_prep.common import (
+    OutputLocked,
+    RunSummary,
+    add_logging_arg,
+    file_fingerprint,
+    output_lock,
+    parse_shard,
+    read_csv_table,
+    remove_stale_tmp,
+    select_shard,
+    setup_logging,
+)
 from data_prep.hdf5io import decode_jpeg, is_complete_tile_store, update_store_atomic
+from ldm.argtypes import finite_float, non_negative_int, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +78,23 @@ def read_wsinfer_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (M, 4) minx/miny/width/height, probs (M,))`` from one wsinfer CSV."""
     if not path.is_file():
         raise SlideFailure(f"no wsinfer CSV: {path}")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        need = ["minx", "miny", "width", "height", column]
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SlideFailure(f"{path}: missing column(s) {missing}; columns are "
-                               f"{reader.fieldnames}")
-        rows = [[r[c] for c in need] for r in reader]
+    need = ("minx", "miny", "width", "height", column)
+    try:
+        rows = [[r[c] for c in need] for r in read_csv_table(path, need)]
+    except ValueError as e:
+        raise SlideFailure(str(e)) from None
+    if not rows:
+        raise SlideFailure(f"{path}: no patch rows (header only)")
     try:
         data = np.array(rows, dtype=np.float64).reshape(-1, 5)
     except ValueError as e:
         raise SlideFailure(f"{path}: non-numeric value ({e})") from e
-    return data[:, :4], data[:, 4]
+    probs = data[:, 4]
+    bad = np.flatnonzero(np.isfinite(probs) & ((probs < 0) | (probs > 1)))
+    if bad.size:
+        raise SlideFailure(f"{path}:{bad[0] + 2}: {column} {probs[bad[0]]:g} is outside [0, 1] "
+                           f"({bad.size} such rows); not a probability column?")
+    return data[:, :4], probs
 
 
 def overlap_average(coords: np.ndarray, tile_l0: int, boxes: np.ndarray,
@@ -261,6 +279,12 @@ class Source:
                 else "hematoxylin contrast (99th minus 50th percentile optical density)")
         return STANDIN_SOURCE.format(what=what)
 
+    def input_key(self, sid: str) -> str:
+        """Fingerprint of the input file the values of slide ``sid`` come from ("" if none)."""
+        path = (self.csv_dir / f"{sid}.csv" if self.kind == "csv"
+                else Path(self.spec.path) if self.kind == "classifier" else None)
+        return file_fingerprint(path) if path is not None and path.is_file() else ""
+
 
 def _tile_mpp(attrs: dict) -> float:
     mpp = float(attrs.get("mpp", math.nan))
@@ -275,12 +299,25 @@ def _decoded(ds: h5py.Dataset, start: int = 0, stop: int | None = None) -> Itera
         yield decode_jpeg(ds[i])
 
 
+def _span(xy: np.ndarray) -> str:
+    """``x a..b, y c..d`` of an ``(N, 2+)`` coordinate array."""
+    return (f"x {xy[:, 0].min():g}..{xy[:, 0].max():g}, "
+            f"y {xy[:, 1].min():g}..{xy[:, 1].max():g}")
+
+
 def _probabilities(src: Source, sid: str, f: h5py.File, models: dict, device: str,
                    standin: dict, chunk: int = 512) -> np.ndarray:
     attrs = dict(f.attrs)
     if src.kind == "csv":
-        boxes, probs = read_wsinfer_csv(src.csv_dir / f"{sid}.csv", src.column)
-        return overlap_average(f["coords"][:], int(attrs["level0_tile_size"]), boxes, probs)
+        path = src.csv_dir / f"{sid}.csv"
+        boxes, probs = read_wsinfer_csv(path, src.column)
+        coords, l0 = f["coords"][:], int(attrs["level0_tile_size"])
+        vals = overlap_average(coords, l0, boxes, probs)
+        if len(vals) and not np.isfinite(vals).any():
+            raise SlideFailure(f"{path}: none of its {len(boxes)} patches overlaps any of the "
+                               f"{len(coords)} tiles (patches span {_span(boxes[:, :2])}, tiles "
+                               f"{_span(coords)}; level-0 coordinates of this slide?)")
+        return vals
     if src.kind == "classifier":
         ds = f["tiles"]
         parts = [classify_tiles(models[src.target], src.spec, list(_decoded(ds, s, s + chunk)),
@@ -291,13 +328,24 @@ def _probabilities(src: Source, sid: str, f: h5py.File, models: dict, device: st
     return standin[src.target]
 
 
+def _stale(f: h5py.File, src: Source, sid: str) -> bool:
+    """True when the store lacks ``src``'s values, or has them from another source or input."""
+    if f"{src.target}_prob" not in f or f.attrs.get(f"{src.target}_source") != src.describe():
+        return True
+    stored = f.attrs.get(f"{src.target}_input")
+    if stored is not None and stored != src.input_key(sid):
+        logger.warning("%s: the %s input changed since its values were stored; recomputing",
+                       sid, src.target)
+        return True
+    return False
+
+
 def process_slide(store: Path, sources: list[Source], models: dict, device: str = "cpu",
                   overwrite: bool = False) -> dict:
     """Compute and store the probabilities of one slide; returns a result record."""
     with h5py.File(store, "r") as f:
         sid = str(f.attrs.get("slide_id", store.stem))
-        todo = [s for s in sources if overwrite or f"{s.target}_prob" not in f
-                or f.attrs.get(f"{s.target}_source") != s.describe()]
+        todo = [s for s in sources if overwrite or _stale(f, s, sid)]
         if not todo:
             return {"slide_id": sid, "status": "skipped"}
         datasets, attrs, standin = {}, {}, {}
@@ -310,6 +358,7 @@ def process_slide(store: Path, sources: list[Source], models: dict, device: str 
                                    f"({finite.min():g}..{finite.max():g})")
             datasets[f"{src.target}_prob"] = vals
             attrs[f"{src.target}_source"] = src.describe()
+            attrs[f"{src.target}_input"] = src.input_key(sid)
     update_store_atomic(store, datasets, attrs)
     n_nan = {k: int(np.isnan(v).sum()) for k, v in datasets.items()}
     return {"slide_id": sid, "status": "done", "nan": n_nan, "tiles": len(next(iter(
@@ -382,19 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{t}-column", default=col, help=f"{t} column (default: %(default)s)")
         p.add_argument(f"--{t}-classifier", help=f"{t} classifier: TorchScript/state_dict file "
                                                  "or a JSON spec")
-        p.add_argument(f"--{t}-class-index", type=int, default=1,
+        p.add_argument(f"--{t}-class-index", type=non_negative_int, default=1,
                        help=f"output index of the {t}-positive class (default: %(default)s)")
     p.add_argument("--classifier-kind", choices=["torchscript", "torchvision"],
                    default="torchscript", help="model file type (default: %(default)s)")
     p.add_argument("--arch", help="torchvision architecture for --classifier-kind torchvision")
-    p.add_argument("--num-classes", type=int, default=2, help="classifier outputs")
-    p.add_argument("--input-size", type=int, default=224, help="classifier input side (px)")
-    p.add_argument("--classifier-mpp", type=float, default=None,
+    p.add_argument("--num-classes", type=positive_int, default=2, help="classifier outputs")
+    p.add_argument("--input-size", type=positive_int, default=224,
+                   help="classifier input side (px)")
+    p.add_argument("--classifier-mpp", type=positive_float, default=None,
                    help="um/px the classifier expects (default: feed the whole tile resized)")
-    p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406])
-    p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225])
+    p.add_argument("--mean", type=finite_float, nargs=3, default=[0.485, 0.456, 0.406])
+    p.add_argument("--std", type=positive_float, nargs=3, default=[0.229, 0.224, 0.225])
     p.add_argument("--activation", choices=["softmax", "sigmoid"], default="softmax")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="cpu", help="torch device of the classifier")
     p.add_argument("--stain-standin", action="store_true",
                    help="demo only: fill targets without another source from the labelled "
@@ -416,14 +466,21 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"error: {e}") from e
     if not args.tiles.is_dir():
         raise SystemExit(f"error: --tiles {args.tiles} is not a directory")
-    stores = sorted(p for p in args.tiles.glob("*.h5") if is_complete_tile_store(p))
-    stores = select_shard(stores, shard)
+    stores = select_shard(sorted(args.tiles.glob("*.h5")), shard)
     if not stores:
         raise SystemExit(f"error: no tile stores in {args.tiles}")
+    tag = "" if args.shard is None else "-shard-{}-of-{}".format(*shard)
     try:
-        summary = run(stores, sources, args.device, args.overwrite)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        with output_lock(args.tiles, tag):
+            remove_stale_tmp(args.tiles)
+            broken = [p for p in stores if not is_complete_tile_store(p)]
+            summary = run([p for p in stores if p not in broken], sources, args.device,
+                          args.overwrite)
+    except (FileNotFoundError, ValueError, RuntimeError, OutputLocked) as e:
         raise SystemExit(f"error: {e}") from e
+    for p in broken:
+        summary.failed[p.stem] = (f"{p}: not a complete tile store (truncated or corrupt?); "
+                                  "delete it and tile its slide again")
     return summary.report()
 
 

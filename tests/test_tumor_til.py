@@ -217,3 +217,79 @@ def test_cli_help_both_ways():
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
         assert "--tumor-csv-dir" in res.stdout and "--stain-standin" in res.stdout
+
+
+def _prob_csv(path: Path, boxes: list[tuple], probs: list[float]) -> None:
+    _write_csv(path, [(*b, p) for b, p in zip(boxes, probs)], ("prob_a", "prob_tumor"))
+
+
+def test_a_fixed_csv_is_recomputed_not_kept_stale(tmp_path, capsys):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    store = _store(tiles / "s.h5", [(200, 100, 150)] * 2, np.array([[0, 0], [512, 0]]))
+    csv_path = tmp_path / "c" / "s.csv"
+    args = ["--tiles", str(tiles), "--tumor-csv-dir", str(tmp_path / "c")]
+    _prob_csv(csv_path, [(0, 0, 512, 512)], [0.3])  # the second tile is not covered yet
+    assert main(args) == 0
+    with h5py.File(store, "r") as f:
+        assert np.isnan(f["tumor_prob"][1])
+    _prob_csv(csv_path, [(0, 0, 512, 512), (512, 0, 512, 512)], [0.3, 0.8])  # fixed
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "1 done" in capsys.readouterr().out
+    with h5py.File(store, "r") as f:
+        np.testing.assert_allclose(f["tumor_prob"][:], [0.3, 0.8], rtol=1e-6)
+    assert main(args) == 0 and "1 skipped" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["raw_above_one", "offset", "half_scale", "header_only",
+                                  "latin1"])
+def test_bad_csvs_are_named_failures(tmp_path, capsys, case):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    coords = np.array([[4096, 4096], [4608, 4096]])
+    store = _store(tiles / "s.h5", [(200, 100, 150)] * 2, coords)
+    csv_path = tmp_path / "c" / "s.csv"
+    boxes = [(4096, 4096, 256, 256), (4352, 4096, 256, 256), (4608, 4096, 512, 512)]
+    if case == "raw_above_one":  # averaged with 0.2 it would look like a valid 0.8
+        _prob_csv(csv_path, boxes, [0.2, 1.4, 0.5])
+        match = "s.csv:3: prob_tumor 1.4 is outside [0, 1]"
+    elif case == "offset":
+        _prob_csv(csv_path, [(x + 50000, y, w, h) for x, y, w, h in boxes], [0.2, 0.3, 0.5])
+        match = "none of its 3 patches overlaps any of the 2 tiles (patches span x 54096"
+    elif case == "half_scale":
+        _prob_csv(csv_path, [(x // 2, y // 2, w // 2, h // 2) for x, y, w, h in boxes],
+                  [0.2, 0.3, 0.5])
+        match = "none of its 3 patches overlaps any of the 2 tiles"
+    elif case == "header_only":
+        _prob_csv(csv_path, [], [])
+        match = "s.csv: no patch rows"
+    else:
+        csv_path.parent.mkdir()
+        csv_path.write_bytes(b"minx,miny,width,height,prob_a,prob_tumor\n"
+                             + "4096,4096,512,512,0.5,0.5 # é\n".encode("latin-1"))
+        match = "s.csv: not UTF-8 text"
+    assert main(["--tiles", str(tiles), "--tumor-csv-dir", str(tmp_path / "c")]) == 1
+    assert match in capsys.readouterr().out
+    with h5py.File(store, "r") as f:
+        assert "tumor_prob" not in f  # nothing stored for a failed slide
+
+
+def test_truncated_store_is_named_and_a_held_folder_refused(tmp_path, capsys):
+    from test_data_prep_lock import _hold
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    _store(tiles / "good.h5", [(200, 100, 150)], np.array([[0, 0]]))
+    cut = _store(tiles / "cut.h5", [(200, 100, 150)] * 4, np.zeros((4, 2)))
+    cut.write_bytes(cut.read_bytes()[:1500])
+    assert main(["--tiles", str(tiles), "--stain-standin"]) == 1
+    out = capsys.readouterr().out
+    assert "1 done" in out and "cut.h5: not a complete tile store (truncated or corrupt?)" in out
+    holder = _hold(tiles)
+    try:
+        with pytest.raises(SystemExit, match=rf"in use by another run \(pid {holder.pid}"):
+            main(["--tiles", str(tiles), "--stain-standin", "--overwrite"])
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
