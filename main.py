@@ -33,11 +33,13 @@ from ldm.trainer_setup import (
     RunPaths,
     device_problems,
     format_problems,
+    hand_accumulation_to_model,
     learning_rate,
     load_config,
     path_problems,
     resolve_hardware,
     resolve_run,
+    scale_lr_setting,
     trainer_kwargs,
 )
 
@@ -73,9 +75,10 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_nodes", type=int, help="number of nodes (SLURM/torchrun multi-node)")
     p.add_argument("--precision", help="Lightning precision; default bf16-mixed on GPU "
                                        "(16-mixed where bf16 is unsupported), 32-true on CPU")
-    p.add_argument("--scale_lr", action="store_true",
-                   help="lr = accumulate * nodes * devices * batch * base_learning_rate "
-                        "(default: lr = base_learning_rate)")
+    p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=None,
+                   help="lr = accumulate_grad_batches * nodes * devices * batch * "
+                        "base_learning_rate (--no-scale_lr: lr = base_learning_rate); default: "
+                        "the config's model.scale_lr (on in the autoencoder configs), else off")
     return p
 
 
@@ -165,14 +168,18 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
     pl.seed_everything(opt.seed, workers=True)
     batch_size = int(config.data.params.get("batch_size", 1))
     base_lr = float(config.model.get("base_learning_rate", 1.0e-4))
-    lr = learning_rate(base_lr, opt.scale_lr, batch_size,
-                       int(trainer_cfg.get("accumulate_grad_batches", 1)), hw)
+    scale, source = scale_lr_setting(opt.scale_lr, config.model)
+    lr = learning_rate(base_lr, scale, batch_size,
+                       int(trainer_cfg.get("accumulate_grad_batches", 1)), hw, source)
     saved_lightning = OmegaConf.to_container(lightning_cfg, resolve=True)
     saved_lightning["run"] = {
         "accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
         "precision": hw.precision, "world_size": hw.world_size, "learning_rate": lr,
+        "scale_lr": scale,
         "seed": opt.seed, "argv": list(argv if argv is not None else sys.argv[1:])}
     model = instantiate_from_config(config.model, learning_rate=lr)
+    if "trainer" in lightning_cfg:
+        hand_accumulation_to_model(model, lightning_cfg.trainer)
     data = instantiate_from_config(config.data)
     if is_overridden("load_state_dict", data, pl.LightningDataModule):
         # the datamodule checkpoints its position in the epoch, so Lightning's warning about

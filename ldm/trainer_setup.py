@@ -362,14 +362,51 @@ def trainer_kwargs(trainer_cfg: Mapping[str, Any], hw: Hardware) -> dict[str, An
     return kwargs
 
 
+def scale_lr_setting(flag: bool | None, model_cfg: Mapping[str, Any]) -> tuple[bool, str]:
+    """Whether to scale the base rate, and where that was decided.
+
+    ``--scale_lr``/``--no-scale_lr`` win; else the config's ``model.scale_lr`` (the autoencoder
+    configs set it, as taming-transformers' ``main.py`` always scaled); else no scaling (the
+    default of CompVis and PathLDM's LDM ``main.py``).
+    """
+    if flag is not None:
+        return bool(flag), "--scale_lr" if flag else "--no-scale_lr"
+    value = model_cfg.get("scale_lr", None)
+    if value is None:
+        return False, "default"
+    if not isinstance(value, bool):
+        raise ConfigError(f"model.scale_lr must be true or false, got {value!r}")
+    return value, "model.scale_lr"
+
+
 def learning_rate(base_lr: float, scale: bool, batch_size: int, accumulate: int,
-                  hw: Hardware) -> float:
-    """``base_lr``, or ``accumulate * nodes * devices * batch * base_lr`` with ``--scale_lr``."""
+                  hw: Hardware, source: str = "--scale_lr") -> float:
+    """``base_lr``, or ``accumulate * nodes * devices * batch * base_lr`` when ``scale``."""
     if not scale:
-        logger.info("learning rate %.2e (base_learning_rate, not scaled)", base_lr)
+        logger.info("learning rate %.2e (base_learning_rate, not scaled: %s)", base_lr, source)
         return base_lr
     lr = accumulate * hw.num_nodes * hw.devices_per_node * batch_size * base_lr
-    logger.info("learning rate %.2e = %d (accumulate) * %d (nodes) * %d (devices) * %d (batch) "
-                "* %.2e (base)", lr, accumulate, hw.num_nodes, hw.devices_per_node, batch_size,
-                base_lr)
+    logger.info("learning rate %.2e = %d (accumulate_grad_batches) * %d (nodes) * %d (devices) "
+                "* %d (batch size) * %.2e (base_learning_rate), scaled by %s", lr, accumulate,
+                hw.num_nodes, hw.devices_per_node, batch_size, base_lr, source)
     return lr
+
+
+def hand_accumulation_to_model(model: Any, trainer_cfg: DictConfig) -> int:
+    """Move ``accumulate_grad_batches`` from the trainer into a manual-optimization model.
+
+    Lightning accumulates only under automatic optimization; the autoencoders step their two
+    optimizers by hand and accumulate themselves (``accumulate_grad_batches`` attribute).
+    Returns the count handed over (1 when there was nothing to do).
+    """
+    n = int(trainer_cfg.get("accumulate_grad_batches", 1) or 1)
+    if n == 1 or getattr(model, "automatic_optimization", True):
+        return 1
+    if not hasattr(model, "accumulate_grad_batches"):
+        raise ConfigError(f"lightning.trainer.accumulate_grad_batches={n}: "
+                          f"{type(model).__name__} optimizes by hand and cannot accumulate")
+    model.accumulate_grad_batches = n
+    trainer_cfg.accumulate_grad_batches = 1
+    logger.info("%s accumulates gradients over %d batches itself (manual optimization)",
+                type(model).__name__, n)
+    return n

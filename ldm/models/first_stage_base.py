@@ -37,6 +37,9 @@ class FirstStageBase(pl.LightningModule):
 
     image_key: str
     learning_rate: float
+    # batches per optimizer step (manual optimization: Lightning's own accumulation does not
+    # apply; main.py hands lightning.trainer.accumulate_grad_batches over to this attribute)
+    accumulate_grad_batches: int = 1
 
     # ----------------------------------------------------------------------------- setup
     def _finish_init(self, *, image_key: str, colorize_nlabels: int | None, monitor: str | None,
@@ -160,32 +163,46 @@ class FirstStageBase(pl.LightningModule):
         return [opt_ae, opt_disc], schedulers
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """Autoencoder step, then discriminator step, on one batch (one forward pass)."""
+        """Autoencoder step, then discriminator step, on one batch (one forward pass).
+
+        With ``accumulate_grad_batches`` n > 1, both losses are divided by n and the optimizers
+        (with EMA and schedulers) step on every n-th batch, as Lightning 1.x accumulated the
+        two optimizers of the original code.
+        """
+        n = self.accumulate_grad_batches
+        self._accumulated = getattr(self, "_accumulated", 0) + 1
+        first, step = self._accumulated == 1, self._accumulated >= n
         x = self.get_input(batch, self.image_key)
         out = self._reconstruct(x)
         opt_ae, opt_disc = self.optimizers()
         self.toggle_optimizer(opt_ae)  # no generator-loss gradients into the discriminator
         aeloss, log_ae = self._loss_call(x, out, 0, "train")
-        opt_ae.zero_grad(set_to_none=True)
-        self.manual_backward(aeloss)
-        opt_ae.step()
-        # EMA right after the step (not in on_train_batch_end): checkpoint callbacks run before
-        # the module's batch-end hook, so a checkpoint would miss this step's update.
-        if self.use_ema:
-            self.model_ema(self._ema_target())
+        if first:
+            opt_ae.zero_grad(set_to_none=True)
+        self.manual_backward(aeloss / n if n > 1 else aeloss)
+        if step:
+            opt_ae.step()
+            # EMA right after the step (not in on_train_batch_end): checkpoint callbacks run
+            # before the module's batch-end hook, so a checkpoint would miss this update.
+            if self.use_ema:
+                self.model_ema(self._ema_target())
         self.untoggle_optimizer(opt_ae)
 
         self.toggle_optimizer(opt_disc)
         discloss, log_disc = self._loss_call(x, out, 1, "train")
-        opt_disc.zero_grad(set_to_none=True)
-        self.manual_backward(discloss)
-        opt_disc.step()
+        if first:
+            opt_disc.zero_grad(set_to_none=True)
+        self.manual_backward(discloss / n if n > 1 else discloss)
+        if step:
+            opt_disc.step()
         self.untoggle_optimizer(opt_disc)
 
-        schedulers = self.lr_schedulers()
-        if schedulers is not None:
-            for s in schedulers if isinstance(schedulers, list) else [schedulers]:
-                s.step()
+        if step:
+            self._accumulated = 0
+            schedulers = self.lr_schedulers()
+            if schedulers is not None:
+                for s in schedulers if isinstance(schedulers, list) else [schedulers]:
+                    s.step()
         self.log("aeloss", aeloss.detach(), prog_bar=True, on_step=True, on_epoch=True)
         self.log("discloss", discloss.detach(), prog_bar=True, on_step=True, on_epoch=True)
         self.log_dict(log_ae, prog_bar=False, on_step=True, on_epoch=False)
