@@ -150,7 +150,11 @@ class FrozenLongPromptEncoder(nn.Module):
                 found[text] = hit
         if missing:
             input_ids, attention_mask = self.tokenize(missing)
-            z = self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
+            # outside autocast, in the tower's own precision (float32), as the original: only
+            # the U-Net runs under mixed precision, so a caption embeds the same in a bf16-mixed
+            # training step, in validation and in float32 sampling, and one cache serves all
+            with torch.autocast(device_type=self.device.type, enabled=False):
+                z = self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
             for text, row in zip(missing, z):
                 found[text] = row
                 self.cache.put((text, self.max_length), row)
