@@ -8,11 +8,13 @@ slide (by default grouped by patient, so a patient's slides stay together), from
 or a split file; no slide is in both. The seeded split is stable: each patient's side comes from
 a hash of the seed and the patient id, so adding patients never moves existing ones. A split
 file must list every slide once and keep each patient's slides together. Tiles below
-``--min-tissue`` or without a probability (NaN) are dropped and counted. Writes
-``train.h5``/``test.h5`` (docs/data_format.md, section 3), ``splits.csv`` and
-``dataset_card.json``/``.md``. A split store built from the same inputs and settings is kept as
-is on a rerun; a store with slides is never replaced by an empty one, and the output folder is
-locked while a build runs.
+``--min-tissue`` are dropped and counted. Tiles without a tumor or TIL probability (NaN, or no
+probabilities at all) are kept, as the authors' loader kept them: their caption leaves that level
+out and a class-conditional model gets the unconditional class 4; ``--drop-missing-probabilities``
+drops them instead. Writes ``train.h5``/``test.h5`` (docs/data_format.md, section 3),
+``splits.csv`` and ``dataset_card.json``/``.md``. A split store built from the same inputs and
+settings is kept as is on a rerun; a store with slides is never replaced by an empty one, and the
+output folder is locked while a build runs.
 
 Example::
 
@@ -77,6 +79,7 @@ class BuildConfig:
     keep_unsummarized: bool = False
     split_file: str | None = None
     mapping: str | None = None
+    drop_missing_probabilities: bool = False
 
 
 @dataclass
@@ -185,16 +188,24 @@ def _signature(cfg: BuildConfig, slides: list[SlideInfo], k: int) -> str:
     return h.hexdigest()
 
 
-def _kept_rows(f: h5py.File, min_tissue: float) -> tuple[np.ndarray, dict[str, int]]:
-    """Indices of tiles to keep, and counts of tiles dropped per reason."""
+def tile_probabilities(f: h5py.File) -> dict[str, np.ndarray]:
+    """``tumor_prob`` and ``til_prob`` of a tile store; NaN where a store has none."""
     n = len(f["tiles"])
-    tissue = f["tissue"][:]
-    probs = [f[k][:] if k in f else np.full(n, np.nan, np.float32)
-             for k in ("tumor_prob", "til_prob")]
-    finite = np.isfinite(probs[0]) & np.isfinite(probs[1])
-    enough = tissue >= min_tissue
-    dropped = {"low_tissue": int((~enough).sum()), "nan_probability": int((enough & ~finite).sum())}
-    return np.flatnonzero(enough & finite), dropped
+    return {k: f[k][:].astype(np.float32) if k in f else np.full(n, np.nan, np.float32)
+            for k in ("tumor_prob", "til_prob")}
+
+
+def _kept_rows(f: h5py.File, cfg: BuildConfig) -> tuple[np.ndarray, dict[str, int]]:
+    """Indices of tiles to keep, and counts of tiles dropped (or kept unlabelled) per reason."""
+    probs = tile_probabilities(f)
+    finite = np.isfinite(probs["tumor_prob"]) & np.isfinite(probs["til_prob"])
+    enough = f["tissue"][:] >= cfg.min_tissue
+    missing = int((enough & ~finite).sum())
+    keep = enough & finite if cfg.drop_missing_probabilities else enough
+    dropped = {"low_tissue": int((~enough).sum()),
+               "nan_probability": missing if cfg.drop_missing_probabilities else 0,
+               "kept_nan_probability": 0 if cfg.drop_missing_probabilities else missing}
+    return np.flatnonzero(keep), dropped
 
 
 def _copy_rows(src: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -235,7 +246,7 @@ def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfi
         kept, dropped, empty = [], Counter(), []
         for s in tqdm(slides, desc=split, unit="slide"):
             with h5py.File(s.path, "r") as src:
-                rows, d = _kept_rows(src, cfg.min_tissue)
+                rows, d = _kept_rows(src, cfg)
                 dropped.update(d)
                 if len(rows) == 0:
                     empty.append(s.slide_id)
@@ -243,8 +254,8 @@ def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfi
                 _append(ds["images"], _copy_rows(src["tiles"], rows))
                 _append(ds["slide_index"], np.full(len(rows), len(kept), np.int32))
                 _append(ds["coords"], src["coords"][:][rows])
-                for key in ("tumor_prob", "til_prob"):
-                    _append(ds[key], src[key][:][rows])
+                for key, values in tile_probabilities(src).items():
+                    _append(ds[key], values[rows])
             kept.append(s)
         summaries = np.full((len(kept), k), "", dtype=object)
         for i, s in enumerate(kept):
@@ -261,6 +272,7 @@ def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfi
             "signature": signature, "build_config": json.dumps(asdict(cfg)),
             "dropped_low_tissue": dropped["low_tissue"],
             "dropped_nan_probability": dropped["nan_probability"],
+            "kept_nan_probability": dropped["kept_nan_probability"],
             "slides_without_patches": json.dumps(empty),
         })
 
@@ -397,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop tiles with less tissue than this (default: %(default)s)")
     p.add_argument("--max-summaries", type=positive_int, default=None,
                    help="use at most K per slide")
+    p.add_argument("--drop-missing-probabilities", action="store_true",
+                   help="drop tiles without a tumor or TIL probability (default: keep them as "
+                        "the original did; their caption omits that level, class label 4)")
     p.add_argument("--keep-unsummarized", action="store_true",
                    help="keep slides without a summary (n_summaries 0), e.g. for class "
                         "conditioning")
@@ -412,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = BuildConfig(args.test_fraction, args.seed, args.id_chars, args.group_by,
                       args.min_tissue, args.max_summaries, args.keep_unsummarized,
                       str(args.split_file) if args.split_file else None,
-                      str(args.mapping) if args.mapping else None)
+                      str(args.mapping) if args.mapping else None,
+                      args.drop_missing_probabilities)
     try:
         summary, card = build(args.tiles, args.summaries, args.out, cfg, args.overwrite)
     except (ValueError, OSError, OutputLocked) as e:

@@ -8,10 +8,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ldm.data.captions import LEVEL_NAMES, class_label
+from ldm.data.captions import LEVEL_NAMES, UNCONDITIONAL_CLASS, class_label, prob_to_level
 
 CLASS_NAMES = {2 * t + i: f"{LEVEL_NAMES[2][t]} tumor + {LEVEL_NAMES[2][i]} til"
                for t in range(2) for i in range(2)}
+CLASS_NAMES[UNCONDITIONAL_CLASS] = "a probability unknown: unconditional"
+
+
+def _class(tumor: float, til: float) -> int:
+    """Class label of a patch; the unconditional class where a probability is unknown."""
+    if np.isnan(tumor) or np.isnan(til):
+        return UNCONDITIONAL_CLASS
+    return class_label(tumor, til)
 
 
 def split_stats(path: Path) -> dict:
@@ -21,12 +29,10 @@ def split_stats(path: Path) -> dict:
         n_sum = f["n_summaries"][:]
         slide_index = f["slide_index"][:]
         attrs = dict(f.attrs)
-    classes = Counter(class_label(a, b) for a, b in zip(tumor.tolist(), til.tolist()))
+    classes = Counter(_class(a, b) for a, b in zip(tumor.tolist(), til.tolist()))
     per_slide = np.bincount(slide_index, minlength=len(n_sum)) if len(n_sum) else np.zeros(0)
-    tumor_levels = Counter({LEVEL_NAMES[2][t]: sum(classes[2 * t + i] for i in range(2))
-                            for t in range(2)})
-    til_levels = Counter({LEVEL_NAMES[2][i]: sum(classes[2 * t + i] for t in range(2))
-                          for i in range(2)})
+    tumor_levels = _level_counts(tumor)
+    til_levels = _level_counts(til)
     return {
         "file": path.name,
         "slides": int(len(n_sum)),
@@ -35,13 +41,22 @@ def split_stats(path: Path) -> dict:
         "summaries_per_slide": {str(k): v for k, v in sorted(Counter(n_sum.tolist()).items())},
         "patches_per_slide": ({"min": int(per_slide.min()), "median": float(np.median(per_slide)),
                                "max": int(per_slide.max())} if len(per_slide) else {}),
-        "patches_per_class": {f"{c} ({CLASS_NAMES[c]})": classes[c] for c in range(4)},
+        "patches_per_class": {f"{c} ({CLASS_NAMES[c]})": classes[c] for c in range(5)},
         "patches_per_tumor_level": dict(tumor_levels),
         "patches_per_til_level": dict(til_levels),
         "dropped_tiles": {"low_tissue": int(attrs.get("dropped_low_tissue", 0)),
                           "nan_probability": int(attrs.get("dropped_nan_probability", 0))},
+        "kept_without_probability": int(attrs.get("kept_nan_probability", 0)),
         "slides_without_patches": json.loads(attrs.get("slides_without_patches", "[]")),
     }
+
+
+def _level_counts(p: np.ndarray) -> dict[str, int]:
+    """Patches per low/high level of one probability, and how many have none."""
+    known = p[np.isfinite(p)]
+    high = sum(prob_to_level(v, 2) for v in known.tolist())
+    return {LEVEL_NAMES[2][0]: len(known) - high, LEVEL_NAMES[2][1]: high,
+            "unknown": int(len(p) - len(known))}
 
 
 def render_card(card: dict) -> str:

@@ -44,10 +44,12 @@ def run_demo(out_dir: str | Path, demo_dir: str | Path = DEMO_DIR, backend: str 
     out, demo = Path(out_dir), Path(demo_dir)
     tiles, summaries, dataset = out / "tiles", out / "summaries.jsonl", out / "dataset"
     common = ["--log-level", log_level]
+    # the demo's own tiling (256-px overlapping tiles, Otsu filter, quality 80), not the recipe's
+    # 448-px DSMIL tiles: the small demo region holds only six of those
     _step("tile_wsi", tile_wsi.main, [
         str(demo), "--out", str(tiles), "--magnification", str(magnification),
         "--tile-size", str(tile_size), "--stride", str(stride), "--min-tissue", str(min_tissue),
-        *common])
+        "--tissue-filter", "otsu", "--jpeg-quality", "80", *common])
     probs = ["--stain-standin"]
     if tumor_classifier:
         probs += ["--tumor-classifier", tumor_classifier]

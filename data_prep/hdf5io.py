@@ -40,8 +40,12 @@ def decode_jpeg(data: np.ndarray | bytes) -> np.ndarray:
 
 
 def write_tile_store(path: str | Path, tiles: Sequence[np.ndarray], coords: np.ndarray,
-                     tissue: np.ndarray, attrs: Mapping[str, Any]) -> None:
-    """Write a per-slide tile store atomically (``NAME.tmp`` then rename)."""
+                     tissue: np.ndarray, attrs: Mapping[str, Any],
+                     extra: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write a per-slide tile store atomically (``NAME.tmp`` then rename).
+
+    ``extra``: further per-tile float32 datasets (e.g. ``edge_score``), one value per tile.
+    """
     n = len(tiles)
     coords = np.asarray(coords, dtype=np.int64).reshape(n, 2)
     tissue = np.asarray(tissue, dtype=np.float32).reshape(n)
@@ -51,6 +55,8 @@ def write_tile_store(path: str | Path, tiles: Sequence[np.ndarray], coords: np.n
             ds[i] = t
         f.create_dataset("coords", data=coords)
         f.create_dataset("tissue", data=tissue)
+        for name, values in (extra or {}).items():
+            f.create_dataset(name, data=np.asarray(values, dtype=np.float32).reshape(n))
         for k, v in attrs.items():
             f.attrs[k] = v
         f.attrs["format_version"] = TILE_STORE_VERSION

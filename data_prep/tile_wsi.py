@@ -3,18 +3,26 @@
 Reads any format OpenSlide reads (SVS, generic tiled TIFF, NDPI, MRXS, SCN, BIF, VMS, ...).
 For each slide: the level-0 magnification comes from the objective power, else from the microns
 per pixel (magnification = 10 / mpp, the usual 10x = 1 um/px convention), else from ``--mpp``;
-tiles are read from the best pyramid level for the needed downsample and resized. Tissue is
-detected on a thumbnail (Otsu threshold on HSV saturation, clamped to a sane range) and tiles
-with less than ``--min-tissue`` tissue are skipped. One store per slide is written atomically;
-rerunning skips slides whose store exists, so an interrupted run resumes. A store records the
-settings and a fingerprint of its slide file: a rerun with other settings is refused (nothing is
-redone or deleted), and a slide whose file changed is tiled again. The output folder is locked
-while a run works on it (per ``--shard``), and worker processes die with the run.
+tiles are read from the best pyramid level for the needed downsample and resized.
+
+The recipe default is the authors' (PathLDM tiled with DSMIL's ``deepzoom_tiler.py``): 448-px
+tiles at 10x (training takes random 256 crops, evaluation centre crops), JPEG quality 70, and
+DSMIL's background filter ``--tissue-filter edges``: a tile is kept when PIL's ``FIND_EDGES`` on
+the RGB tile, summed per band, averaged over the bands and divided by the tile's pixel count,
+exceeds ``--edge-threshold`` (15). ``--tissue-filter otsu`` keeps tiles whose tissue fraction on a
+thumbnail mask (Otsu threshold on HSV saturation, clamped to a sane range) is at least
+``--min-tissue``. Both criteria are evaluated on every tile of the grid, and the summary reports
+how many tiles each keeps.
+
+One store per slide is written atomically; rerunning skips slides whose store exists, so an
+interrupted run resumes. A store records the settings and a fingerprint of its slide file: a
+rerun with other settings is refused (nothing is redone or deleted), and a slide whose file
+changed is tiled again. The output folder is locked while a run works on it (per ``--shard``),
+and worker processes die with the run.
 
 Example::
 
-    python -m data_prep.tile_wsi slides/ --out tiles/ --magnification 10 --tile-size 256 \\
-        --workers 8 --shard 0/4
+    python -m data_prep.tile_wsi slides/ --out tiles/ --workers 8 --shard 0/4
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageStat
 from tqdm import tqdm
 
 from data_prep.common import (
@@ -52,7 +60,7 @@ from data_prep.hdf5io import (
     write_tile_store,
 )
 from data_prep.workers import exit_description, run_per_item
-from ldm.argtypes import int_in, positive_float, positive_int, unit_float
+from ldm.argtypes import float_in, int_in, positive_float, positive_int, unit_float
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +70,15 @@ THUMB_PX_PER_TILE = 32  # thumbnail resolution of the tissue mask, in pixels per
 MAX_THUMB_SIDE = 8192  # bounds the thumbnail's memory for very large slides
 SATURATION_RANGE = (15, 40)  # clamp of the Otsu threshold on 0-255 saturation
 MIN_VALUE = 30  # pixels darker than this (0-255) are scanner borders, not tissue
+TISSUE_FILTERS = ("edges", "otsu")
+DSMIL_EDGE_THRESHOLD = 15.0  # deepzoom_tiler.py's --background_t default
+CRITERIA_COUNTS = ("grid_tiles", "kept_by_edges", "kept_by_otsu", "kept_by_both")
 # store attribute -> TileConfig field: the settings a store must share with a run to be kept
 SETTING_ATTRS = {"magnification": "magnification", "tile_size": "tile_size", "stride": "step",
-                 "min_tissue": "min_tissue", "jpeg_quality": "jpeg_quality"}
+                 "min_tissue": "min_tissue", "jpeg_quality": "jpeg_quality",
+                 "tissue_filter": "tissue_filter", "edge_threshold": "edge_threshold"}
+# what a store written before a setting existed was tiled with
+SETTING_BEFORE = {"tissue_filter": "otsu"}
 
 
 class SlideError(RuntimeError):
@@ -73,15 +87,20 @@ class SlideError(RuntimeError):
 
 @dataclass(frozen=True)
 class TileConfig:
-    """How to tile: target magnification, tile geometry, tissue filter, encoding."""
+    """How to tile: target magnification, tile geometry, tissue filter, encoding.
+
+    The defaults are the authors' recipe: 448-px tiles at 10x, DSMIL's edge filter, quality 70.
+    """
 
     magnification: float = 10.0
-    tile_size: int = 256
+    tile_size: int = 448
     stride: int | None = None
     min_tissue: float = 0.5
-    jpeg_quality: int = 80
+    jpeg_quality: int = 70
     mpp: float | None = None
     show_progress: bool = True
+    tissue_filter: str = "edges"
+    edge_threshold: float = DSMIL_EDGE_THRESHOLD
 
     @property
     def step(self) -> int:
@@ -206,6 +225,16 @@ def tissue_fractions(slide, geom: Geometry, coords: np.ndarray) -> np.ndarray:
     return (sums / area).astype(np.float32)
 
 
+def edge_score(tile: Image.Image) -> float:
+    """DSMIL's background score: ``FIND_EDGES`` of the RGB tile, band sums averaged, per pixel.
+
+    As ``deepzoom_tiler.py`` computes it (``np.mean(ImageStat.Stat(edges).sum) / tile_size**2``);
+    the tile is kept when the score exceeds the threshold.
+    """
+    edges = tile.filter(ImageFilter.FIND_EDGES)
+    return float(np.mean(ImageStat.Stat(edges).sum)) / (tile.size[0] * tile.size[1])
+
+
 def read_tile(slide, geom: Geometry, x: int, y: int, tile_size: int) -> Image.Image:
     """The tile at level-0 ``(x, y)``: best-level read, alpha on white, resized to tile_size."""
     region = slide.read_region((int(x), int(y)), geom.level, (geom.read_size, geom.read_size))
@@ -279,7 +308,7 @@ def tile_slide(path: Path, out_dir: Path, cfg: TileConfig, overwrite: bool = Fal
         out_dir.mkdir(parents=True, exist_ok=True)
         slide = _open_slide(path)
         try:
-            n = _tile_open_slide(slide, path, out, cfg)
+            counts = _tile_open_slide(slide, path, out, cfg)
         finally:
             slide.close()
     except SlideError as e:
@@ -290,50 +319,71 @@ def tile_slide(path: Path, out_dir: Path, cfg: TileConfig, overwrite: bool = Fal
     except Exception as e:  # keep the other slides going whatever happens to this one
         logger.debug("tiling %s failed", path, exc_info=True)
         return {"slide_id": sid, "status": "failed", "error": f"{path}: {type(e).__name__}: {e}"}
-    return {"slide_id": sid, "status": "done", "tiles": n,
-            "seconds": time.perf_counter() - t0}
+    return {"slide_id": sid, "status": "done", **counts, "seconds": time.perf_counter() - t0}
 
 
-def _tile_open_slide(slide, path: Path, out: Path, cfg: TileConfig) -> int:
+def _tile_open_slide(slide, path: Path, out: Path, cfg: TileConfig) -> dict[str, int]:
+    """Tile an open slide into ``out``; returns the tile counts of the grid and each criterion."""
     sid = slide_id_of(path)
     geom = slide_geometry(slide, cfg, str(path))
     coords = grid_positions(geom)
     tissue = tissue_fractions(slide, geom, coords) if len(coords) else np.zeros(0, np.float32)
-    keep = tissue >= cfg.min_tissue
-    tissue_max = float(tissue.max()) if tissue.size else 0.0
-    coords, tissue = coords[keep], tissue[keep]
-    logger.info("%s: %s, level %d (downsample %.3f), %d of %d tiles with tissue >= %.2f", sid,
-                f"{geom.base_magnification:g}x -> {cfg.magnification:g}x", geom.level,
-                geom.level_downsample, len(coords), int(keep.size), cfg.min_tissue)
-    if len(coords) == 0:
-        raise SlideError(_no_tiles_reason(path, slide, geom, keep.size, tissue_max, cfg))
-    tiles = []
+    otsu_keep = tissue >= cfg.min_tissue
+    # every grid tile is read: the edge criterion needs its pixels, and the summary compares the
+    # two criteria over the whole grid
+    scores = np.zeros(len(coords), np.float32)
+    tiles, kept = [], []
     bar = tqdm(coords, desc=sid, unit="tile", leave=False, disable=not cfg.show_progress)
-    for x, y in bar:
-        tiles.append(encode_jpeg(read_tile(slide, geom, x, y, cfg.tile_size), cfg.jpeg_quality))
+    for i, (x, y) in enumerate(bar):
+        tile = read_tile(slide, geom, x, y, cfg.tile_size)
+        scores[i] = edge_score(tile)
+        keep = scores[i] > cfg.edge_threshold if cfg.tissue_filter == "edges" else otsu_keep[i]
+        if keep:
+            tiles.append(encode_jpeg(tile, cfg.jpeg_quality))
+            kept.append(i)
+    edges_keep = scores > cfg.edge_threshold
+    counts = {"grid_tiles": len(coords), "kept_by_edges": int(edges_keep.sum()),
+              "kept_by_otsu": int(otsu_keep.sum()),
+              "kept_by_both": int((edges_keep & otsu_keep).sum())}
+    logger.info("%s: %s, level %d (downsample %.3f), %d of %d tiles kept by %s (edges > %g: %d, "
+                "otsu tissue >= %.2f: %d)", sid,
+                f"{geom.base_magnification:g}x -> {cfg.magnification:g}x", geom.level,
+                geom.level_downsample, len(kept), len(coords), cfg.tissue_filter,
+                cfg.edge_threshold, counts["kept_by_edges"], cfg.min_tissue,
+                counts["kept_by_otsu"])
+    if not kept:
+        raise SlideError(_no_tiles_reason(path, geom, scores, tissue, cfg))
+    kept = np.asarray(kept, dtype=np.int64)
     attrs = {
         "slide_id": sid, "source_file": path.name, "mpp": geom.mpp,
         "objective_power": geom.objective_power, "magnification": cfg.magnification,
         "tile_size": cfg.tile_size, "stride": cfg.step, "level0_tile_size": geom.level0_tile,
         "level0_stride": geom.level0_stride, "read_level": geom.level,
         "jpeg_quality": cfg.jpeg_quality, "min_tissue": cfg.min_tissue,
-        "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1],
+        "tissue_filter": cfg.tissue_filter, "edge_threshold": cfg.edge_threshold,
+        "slide_width": slide.dimensions[0], "slide_height": slide.dimensions[1], **counts,
         "source_fingerprint": file_fingerprint(path),
     }
-    write_tile_store(out, tiles, coords, tissue, attrs)
-    return len(tiles)
+    write_tile_store(out, tiles, coords[kept], tissue[kept], attrs,
+                     extra={"edge_score": scores[kept]})
+    return {"tiles": len(tiles), **counts}
 
 
-def _no_tiles_reason(path: Path, slide, geom: Geometry, n_grid: int, tissue_max: float,
+def _no_tiles_reason(path: Path, geom: Geometry, scores: np.ndarray, tissue: np.ndarray,
                      cfg: TileConfig) -> str:
-    """Why a slide gave no tile: smaller than one tile, or no tile with enough tissue."""
-    if n_grid == 0:
+    """Why a slide gave no tile: smaller than one tile, or no tile passes the tissue filter."""
+    if len(scores) == 0:
         w, h = geom.extent
         return (f"{path}: the slide ({w}x{h} level-0 px) is smaller than one tile "
                 f"({geom.level0_tile} level-0 px for --tile-size {cfg.tile_size} at "
                 f"{cfg.magnification:g}x); use a smaller --tile-size or a lower --magnification")
-    return (f"{path}: none of its {n_grid} tiles has tissue >= --min-tissue {cfg.min_tissue:g} "
-            f"(most: {tissue_max:.2f}); lower --min-tissue if this slide has tissue")
+    if cfg.tissue_filter == "edges":
+        return (f"{path}: none of its {len(scores)} tiles has an edge score above "
+                f"--edge-threshold {cfg.edge_threshold:g} (most: {float(scores.max()):.2f}); "
+                "lower --edge-threshold if this slide has tissue")
+    return (f"{path}: none of its {len(tissue)} tiles has tissue >= --min-tissue "
+            f"{cfg.min_tissue:g} (most: {float(tissue.max()):.2f}); lower --min-tissue if this "
+            "slide has tissue")
 
 
 def _source_changed(store: Path, path: Path) -> str | None:
@@ -348,6 +398,13 @@ def _source_changed(store: Path, path: Path) -> str | None:
     return None
 
 
+def _differs(stored, now) -> bool:
+    """Whether a stored setting differs from a run's (names exactly, numbers within rounding)."""
+    if isinstance(now, str) or isinstance(stored, str):
+        return str(stored) != str(now)
+    return not math.isclose(float(stored), float(now))
+
+
 def settings_conflicts(paths: list[Path], out_dir: Path, cfg: TileConfig) -> list[str]:
     """Existing stores of ``paths`` tiled with other settings, one description each."""
     conflicts = []
@@ -355,9 +412,9 @@ def settings_conflicts(paths: list[Path], out_dir: Path, cfg: TileConfig) -> lis
         store = out_dir / f"{slide_id_of(p)}.h5"
         if not is_complete_tile_store(store):
             continue
-        attrs = read_store_attrs(store)
+        attrs = {**SETTING_BEFORE, **read_store_attrs(store)}
         diffs = [f"{a} {attrs[a]} (now {getattr(cfg, f)})" for a, f in SETTING_ATTRS.items()
-                 if a in attrs and not math.isclose(float(attrs[a]), float(getattr(cfg, f)))]
+                 if a in attrs and _differs(attrs[a], getattr(cfg, f))]
         if diffs:
             conflicts.append(f"{store.name}: " + ", ".join(diffs))
     return conflicts
@@ -392,6 +449,7 @@ def run_tiling(paths: list[Path], out_dir: Path, cfg: TileConfig, workers: int =
     summary = RunSummary("tile_wsi")
     t0 = time.perf_counter()
     total_tiles, tile_seconds = 0, 0.0
+    counts = dict.fromkeys(CRITERIA_COUNTS, 0)
     bar = tqdm(total=len(paths), desc="slides", unit="slide")
     for res in _iter_results(paths, out_dir, cfg, workers, overwrite, log_level):
         bar.update(1)
@@ -399,6 +457,8 @@ def run_tiling(paths: list[Path], out_dir: Path, cfg: TileConfig, workers: int =
             summary.done.append(res["slide_id"])
             total_tiles += res["tiles"]
             tile_seconds += res["seconds"]
+            for key in counts:
+                counts[key] += res[key]
             bar.set_postfix(tiles=total_tiles)
         elif res["status"] == "skipped":
             summary.skipped.append(res["slide_id"])
@@ -408,6 +468,12 @@ def run_tiling(paths: list[Path], out_dir: Path, cfg: TileConfig, workers: int =
     wall = time.perf_counter() - t0
     summary.extra.update({
         "tiles written": total_tiles,
+        "tissue filter": cfg.tissue_filter,
+        "grid tiles (tiled slides)": counts["grid_tiles"],
+        f"kept by edges (DSMIL: mean FIND_EDGES > {cfg.edge_threshold:g})":
+            counts["kept_by_edges"],
+        f"kept by otsu (tissue >= {cfg.min_tissue:g})": counts["kept_by_otsu"],
+        "kept by both": counts["kept_by_both"],
         "wall time (s)": round(wall, 2),
         "throughput (tiles/s, wall)": round(total_tiles / wall, 1) if wall > 0 else 0.0,
         "throughput (tiles/s per worker)": (round(total_tiles / tile_seconds, 1)
@@ -444,17 +510,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slide-list", type=Path, help="text file with one slide path per line")
     p.add_argument("--magnification", type=positive_float, default=10.0,
                    help="target magnification of the tiles (default: %(default)s)")
-    p.add_argument("--tile-size", type=positive_int, default=256,
-                   help="tile side in pixels at the target magnification (default: %(default)s; "
-                        "use a larger size for random-crop training)")
+    p.add_argument("--tile-size", type=positive_int, default=448,
+                   help="tile side in pixels at the target magnification (default: %(default)s, "
+                        "the authors' tiles, from which training takes random 256 crops and "
+                        "evaluation centre crops; 256 tiles the model's input size exactly)")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="step between tiles in output pixels (default: tile size, no overlap)")
+    p.add_argument("--tissue-filter", choices=TISSUE_FILTERS, default="edges",
+                   help="background filter: 'edges' is DSMIL's (mean FIND_EDGES of the tile > "
+                        "--edge-threshold), the authors' recipe; 'otsu' keeps tiles with at "
+                        "least --min-tissue tissue on an Otsu saturation mask "
+                        "(default: %(default)s)")
+    p.add_argument("--edge-threshold", type=float_in(0.0, 255.0),
+                   default=DSMIL_EDGE_THRESHOLD,
+                   help="edges filter: keep tiles whose edge score exceeds this "
+                        "(default: %(default)s, DSMIL's)")
     p.add_argument("--min-tissue", type=unit_float, default=0.5,
-                   help="minimum tissue fraction of a kept tile; 0 keeps all "
+                   help="otsu filter: minimum tissue fraction of a kept tile; 0 keeps all "
                         "(default: %(default)s)")
-    p.add_argument("--jpeg-quality", type=int_in(1, 100), default=80,
-                   help="JPEG quality; 80 keeps 256x256 H&E tiles near 20 KB "
-                        "(default: %(default)s)")
+    p.add_argument("--jpeg-quality", type=int_in(1, 100), default=70,
+                   help="JPEG quality (default: %(default)s, DSMIL's and the authors')")
     p.add_argument("--mpp", type=positive_float, default=None,
                    help="level-0 microns per pixel for slides that record neither objective "
                         "power nor mpp (ignored for slides that do)")
@@ -481,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise SystemExit("error: no slides found in the inputs")
     cfg = TileConfig(args.magnification, args.tile_size, args.stride, args.min_tissue,
-                     args.jpeg_quality, args.mpp)
+                     args.jpeg_quality, args.mpp, tissue_filter=args.tissue_filter,
+                     edge_threshold=args.edge_threshold)
     logger.info("tiling %d slides into %s (%s)", len(paths), args.out, cfg)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "" if args.shard is None else "-shard-{}-of-{}".format(*parse_shard(args.shard))

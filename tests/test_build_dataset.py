@@ -14,6 +14,7 @@ import pytest
 
 from data_prep.build_dataset import main
 from data_prep.hdf5io import encode_jpeg, update_store_atomic, write_tile_store
+from ldm.data.tcga import TCGAPatchDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 # two slides of patient A1, one each of B2, C3, D4 (no report), E5
@@ -68,7 +69,8 @@ def test_store_contents_split_and_card(tmp_path, capsys):
     tiles, summaries = _make_inputs(tmp_path)
     out = tmp_path / "ds"
     rc = main(["--tiles", str(tiles), "--summaries", str(summaries), "--out", str(out),
-               "--test-fraction", "0.5", "--seed", "3", "--min-tissue", "0.5"])
+               "--test-fraction", "0.5", "--seed", "3", "--min-tissue", "0.5",
+               "--drop-missing-probabilities"])
     assert rc == 0
     train, test = _load(out / "train.h5"), _load(out / "test.h5")
     assert not set(train["slides"]) & set(test["slides"])
@@ -107,7 +109,7 @@ def test_store_contents_split_and_card(tmp_path, capsys):
     # each slide keeps (0.1, 0.2) -> class 0, (0.9, 0.7) -> 3, (1.0, 0.0) -> 2
     per_class = {k: sum(c["patches_per_class"][k] for c in both) for k in both[0]
                  ["patches_per_class"]}
-    assert list(per_class.values()) == [5, 0, 5, 5]
+    assert list(per_class.values()) == [5, 0, 5, 5, 0]
     splits_csv = (out / "splits.csv").read_text().splitlines()
     assert splits_csv[0] == "slide_id,split" and len(splits_csv) == 6
     text = capsys.readouterr().out
@@ -115,15 +117,34 @@ def test_store_contents_split_and_card(tmp_path, capsys):
     assert (out / "dataset_card.md").read_text().startswith("# Dataset card")
 
 
-def test_nan_probabilities_dropped_and_counted(tmp_path):
+def test_patches_without_probabilities_kept_by_default_or_dropped(tmp_path):
     tiles, summaries = _make_inputs(tmp_path)
-    out = tmp_path / "ds"
-    assert main(["--tiles", str(tiles), "--summaries", str(summaries), "--out", str(out),
-                 "--test-fraction", "0"]) == 0
-    card = json.loads((out / "dataset_card.json").read_text())["splits"]
+    args = ["--tiles", str(tiles), "--summaries", str(summaries), "--test-fraction", "0"]
+    # default, as the original loader: kept, NaN in the store, counted in the card
+    assert main(args + ["--out", str(tmp_path / "keep")]) == 0
+    card = json.loads((tmp_path / "keep" / "dataset_card.json").read_text())["splits"]["train"]
+    assert card["patches"] == 5 * 5 and card["kept_without_probability"] == 5
+    assert card["dropped_tiles"] == {"low_tissue": 0, "nan_probability": 0}
+    assert card["patches_per_class"]["4 (a probability unknown: unconditional)"] == 5
+    assert card["patches_per_tumor_level"]["unknown"] == 5
+    store = tmp_path / "keep" / "train.h5"
+    tumor = _load(store)["tumor_prob"]
+    assert int(np.isnan(tumor).sum()) == 5
+    # the dataset leaves the unknown level out of the caption; a class model gets class 4
+    ds = TCGAPatchDataset(store, size=16, flip=False, random_crop=False)
+    i = int(np.flatnonzero(np.isnan(tumor))[0])
+    item = ds[i]
+    assert item["caption"].startswith("low til; summary 0 of ") and "tumor" not in item["caption"]
+    assert item["class_label"] == 4
+    labels = {ds[j]["class_label"] for j in range(len(ds))}
+    assert 4 in labels and {0, 2, 3} <= labels  # p_uncond 0 (the original class model)
+    # the switch drops them
+    assert main(args + ["--out", str(tmp_path / "drop"), "--drop-missing-probabilities"]) == 0
+    card = json.loads((tmp_path / "drop" / "dataset_card.json").read_text())["splits"]
     assert card["train"]["patches"] == 5 * 4 and card["test"]["patches"] == 0
     assert card["train"]["dropped_tiles"] == {"low_tissue": 0, "nan_probability": 5}
-    assert _load(out / "test.h5")["slides"] == []
+    assert np.isfinite(_load(tmp_path / "drop" / "train.h5")["tumor_prob"]).all()
+    assert _load(tmp_path / "drop" / "test.h5")["slides"] == []
 
 
 def test_split_is_seeded_and_rerun_skips(tmp_path, capsys):

@@ -88,7 +88,8 @@ def test_demo_slide_through_all_steps(tmp_path, monkeypatch):
     write_svs(slides / f"{SLIDES[1]}.svs", np.ascontiguousarray(rgb[:, ::-1]), (1,), app_mag=20,
               mpp=0.499)
     tiles = tmp_path / "tiles"
-    assert tile_wsi.main([str(slides), "--out", str(tiles), "--min-tissue", "0.25"]) == 0
+    assert tile_wsi.main([str(slides), "--out", str(tiles), "--tile-size", "256",
+                          "--tissue-filter", "otsu", "--min-tissue", "0.25"]) == 0
     uncovered = _wsinfer_csvs(tmp_path, tiles)
     assert uncovered > 0
     assert tumor_til.main(["--tiles", str(tiles), "--tumor-csv-dir", str(tmp_path / "tumor"),
@@ -107,7 +108,7 @@ def test_demo_slide_through_all_steps(tmp_path, monkeypatch):
     out = tmp_path / "dataset"
     assert build_dataset.main(["--tiles", str(tiles), "--summaries", str(summaries),
                                "--out", str(out), "--test-fraction", "0.5",
-                               "--seed", str(SPLIT_SEED)]) == 0
+                               "--seed", str(SPLIT_SEED), "--drop-missing-probabilities"]) == 0
     train = check_training_store(out / "train.h5", "train")
     test = check_training_store(out / "test.h5", "test")
     assert sorted(train["slides"] + test["slides"]) == SLIDES  # one slide each, none in both

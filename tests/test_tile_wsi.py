@@ -74,7 +74,7 @@ def test_demo_slide_tiles_match_direct_read(tmp_path):
     slide = tmp_path / DEMO.name
     shutil.copy(DEMO, slide)
     cfg = TileConfig(magnification=10, tile_size=256, min_tissue=0.0, jpeg_quality=90,
-                     show_progress=False)
+                     show_progress=False, tissue_filter="otsu")
     res = tile_slide(slide, tmp_path / "tiles", cfg)
     assert res["status"] == "done"
     # 20x -> 10x: 512 level-0 px per tile; 2220x2967 holds 4 x 5 full tiles
@@ -90,7 +90,8 @@ def test_demo_slide_tiles_match_direct_read(tmp_path):
 def test_demo_slide_overlap_and_tissue(tmp_path):
     slide = tmp_path / DEMO.name
     shutil.copy(DEMO, slide)
-    cfg = TileConfig(stride=128, min_tissue=0.5, show_progress=False)
+    cfg = TileConfig(tile_size=256, stride=128, min_tissue=0.5, show_progress=False,
+                     tissue_filter="otsu")
     assert tile_slide(slide, tmp_path, cfg)["status"] == "done"
     with h5py.File(tmp_path / "CMU-1-Small-Region.h5", "r") as f:
         coords, tissue = f["coords"][:], f["tissue"][:]
@@ -116,8 +117,8 @@ def test_sources_tiled_at_10x(tmp_path, image40x, kind):
     with openslide.OpenSlide(str(slide)) as s:
         assert s.properties["openslide.vendor"] == ("aperio" if "svs" in kind else "generic-tiff")
     out = tmp_path / "tiles"
-    rc = main([str(slide), "--out", str(out), "--min-tissue", "0", "--jpeg-quality", "90",
-               *extra])
+    rc = main([str(slide), "--out", str(out), "--tile-size", "256", "--tissue-filter", "otsu",
+               "--min-tissue", "0", "--jpeg-quality", "90", *extra])
     assert rc == 0
     n_side = (2048 - l0) // l0 + 1
     _check_store(out / f"{slide.stem}.h5", slide, l0, 256, n_side * n_side)
@@ -133,14 +134,15 @@ def test_missing_magnification_is_a_clear_error(tmp_path, image40x, capsys):
 
 def test_tissue_filter_keeps_tissue_tiles(tmp_path, image40x):
     slide = write_svs(tmp_path / "half.svs", image40x, (1, 4), app_mag=40, mpp=0.25)
-    cfg = TileConfig(tile_size=128, min_tissue=0.0, show_progress=False)
+    cfg = TileConfig(tile_size=128, min_tissue=0.0, show_progress=False, tissue_filter="otsu")
     tile_slide(slide, tmp_path / "all", cfg)
     with h5py.File(tmp_path / "all" / "half.h5", "r") as f:
         coords, tissue = f["coords"][:], f["tissue"][:]
     left = coords[:, 0] + 512 <= 1536  # tiles wholly inside the tissue (left 3/4)
     right = coords[:, 0] >= 1536
     assert tissue[left].min() > 0.9 and tissue[right].max() < 0.1
-    tile_slide(slide, tmp_path / "kept", TileConfig(tile_size=128, show_progress=False))
+    tile_slide(slide, tmp_path / "kept", TileConfig(tile_size=128, show_progress=False,
+                                                    tissue_filter="otsu"))
     with h5py.File(tmp_path / "kept" / "half.h5", "r") as f:
         kept = {tuple(c) for c in f["coords"][:]}
     assert kept == {tuple(c) for c, t in zip(coords, tissue) if t >= 0.5}
@@ -171,7 +173,8 @@ def test_bad_files_reported_while_others_finish(tmp_path, image40x, capsys):
     (tmp_path / "corrupt.svs").write_bytes(bytes(corrupt))
     (tmp_path / "notes.svs").write_text("this is not a slide")
     out = tmp_path / "tiles"
-    rc = main([str(tmp_path), "--out", str(out), "--workers", "2", "--min-tissue", "0"])
+    rc = main([str(tmp_path), "--out", str(out), "--workers", "2", "--tile-size", "256",
+               "--tissue-filter", "otsu", "--min-tissue", "0"])
     assert rc == 1
     text = capsys.readouterr().out
     assert "1 done" in text and "3 failed" in text
@@ -187,12 +190,13 @@ def test_killed_run_resumes_without_redoing(tmp_path, image40x, capsys):
     slides = [write_svs(tmp_path / f"s{i}.svs", image40x[:1024, :1024], (1,), app_mag=20)
               for i in range(3)]
     out = tmp_path / "tiles"
-    cfg = TileConfig(min_tissue=0.0, show_progress=False)
+    cfg = TileConfig(tile_size=256, min_tissue=0.0, show_progress=False, tissue_filter="otsu")
     run_tiling(slides[:1], out, cfg)
     finished = out / "s0.h5"
     stamp = finished.stat().st_mtime_ns
     (out / "s1.h5.tmp").write_bytes(b"half-written store of a killed run")
-    rc = main([str(p) for p in slides] + ["--out", str(out), "--min-tissue", "0"])
+    rc = main([str(p) for p in slides] + ["--out", str(out), "--tile-size", "256",
+                                          "--tissue-filter", "otsu", "--min-tissue", "0"])
     assert rc == 0
     assert "2 done, 1 skipped" in capsys.readouterr().out
     assert finished.stat().st_mtime_ns == stamp  # not rewritten

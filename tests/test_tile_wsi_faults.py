@@ -33,7 +33,7 @@ def slides(tmp_path_factory) -> list[Path]:
 
 def _cmd(paths: list[Path], out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "data_prep.tile_wsi", *map(str, paths), "--out", str(out),
-            "--tile-size", "64", "--min-tissue", "0", *extra]
+            "--tile-size", "64", "--tissue-filter", "otsu", "--min-tissue", "0", *extra]
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -89,7 +89,7 @@ def test_sigkill_of_the_run_takes_its_workers_along(tmp_path, slides):
     print(f"workers gone {time.monotonic() - t0:.2f} s after the SIGKILL of the run")
     # nothing half-written counts as done: a rerun finishes every slide
     assert main([*map(str, slides), "--out", str(out), "--tile-size", "64",
-                 "--min-tissue", "0"]) == 0
+                 "--tissue-filter", "otsu", "--min-tissue", "0"]) == 0
     assert _stores(out) == TILES
     assert not list(out.glob("*.tmp"))
 
@@ -133,7 +133,8 @@ def test_two_runs_at_once_on_one_output(tmp_path, slides):
         time.sleep(0.005)
     # the second run is this test's own process, started while the first one tiles
     with pytest.raises(SystemExit) as err:
-        main([*map(str, slides), "--out", str(out), "--tile-size", "64", "--min-tissue", "0"])
+        main([*map(str, slides), "--out", str(out), "--tile-size", "64", "--tissue-filter",
+              "otsu", "--min-tissue", "0"])
     stdout, _ = first.communicate(timeout=300)
     assert first.returncode == 0 and "4 done, 0 skipped (already finished), 0 failed" in stdout
     assert str(err.value).startswith(f"error: {out} is in use by another run (pid {first.pid}")
@@ -142,7 +143,7 @@ def test_two_runs_at_once_on_one_output(tmp_path, slides):
     # sharded runs lock their own shard, so they may run side by side
     with output_lock(out):  # an unsharded run holds the folder; shard 0 of 2 goes on
         assert main([*map(str, slides), "--out", str(out), "--tile-size", "64",
-                     "--min-tissue", "0", "--shard", "0/2"]) == 0
+                     "--tissue-filter", "otsu", "--min-tissue", "0", "--shard", "0/2"]) == 0
 
 
 def test_rerun_with_other_settings_is_refused_and_a_changed_slide_redone(tmp_path, slides,
@@ -153,7 +154,7 @@ def test_rerun_with_other_settings_is_refused_and_a_changed_slide_redone(tmp_pat
     for src, dst in zip(slides, mine):
         dst.write_bytes(src.read_bytes())
     out = tmp_path / "tiles"
-    base = [*map(str, mine), "--out", str(out), "--min-tissue", "0"]
+    base = [*map(str, mine), "--out", str(out), "--tissue-filter", "otsu", "--min-tissue", "0"]
     assert main(base + ["--tile-size", "64"]) == 0
     before = {p.name: p.read_bytes() for p in out.glob("*.h5")}
     with pytest.raises(SystemExit, match=r"2 store\(s\) .* other settings \(s0.h5: "

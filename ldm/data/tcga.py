@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.captions import UNCONDITIONAL_CLASS, caption_from_levels, level_name, prob_to_level
+from ldm.data.patches import PATCH_SIZE, crop_origin
 from ldm.data.sampling import EpochSampler, SampleKey
 from ldm.util import instantiate_from_config
 
@@ -55,7 +56,8 @@ class TCGAPatchDataset(Dataset):
 
     Args:
         path: ``train.h5`` / ``test.h5`` written by ``data_prep/build_dataset.py``.
-        size: crop size; tiles larger than this are cropped (randomly or centred).
+        size: crop size; tiles larger than this are cropped (randomly or centred,
+            :func:`ldm.data.patches.crop_origin`).
         random_crop: random crop (training) instead of a centre crop.
         flip: random horizontal and vertical flips.
         p_uncond: probability of replacing the conditioning by the unconditional one
@@ -72,7 +74,7 @@ class TCGAPatchDataset(Dataset):
 
     accepts_sample_keys = True  # EpochSampler may pass (epoch, index) keys
 
-    def __init__(self, path: str | Path, size: int = 256, random_crop: bool = True,
+    def __init__(self, path: str | Path, size: int = PATCH_SIZE, random_crop: bool = True,
                  flip: bool = True, p_uncond: float = 0.0, summary_mode: str = "first",
                  n_levels: int = 2, legacy_til_exemption: bool = False, seed: int = 0,
                  latents_path: str | Path | None = None) -> None:
@@ -224,9 +226,9 @@ class TCGAPatchDataset(Dataset):
         if h < self.size or w < self.size:
             raise ValueError(f"{self.path}: tile {idx} is {w}x{h}, smaller than size {self.size}")
         if self.random_crop:
-            x, y = int(u_x * (w - self.size + 1)), int(u_y * (h - self.size + 1))
+            x, y = crop_origin(w, h, self.size, u_x, u_y)
         else:
-            x, y = (w - self.size) // 2, (h - self.size) // 2
+            x, y = crop_origin(w, h, self.size)
         return tile[y: y + self.size, x: x + self.size]
 
     def _summary(self, slide: int, u_summary: float, u_slide: float) -> str:

@@ -15,6 +15,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm.data.patches import PATCH_SIZE, crop_origin
+
 logger = logging.getLogger(__name__)
 
 # The extensions pytorch-fid reads from a folder, so a folder yields the same files to both.
@@ -60,12 +62,15 @@ def is_store(path: str | Path) -> bool:
 class SplitStore:
     """Read-only view of a split store (docs/data_format.md §3).
 
-    The HDF5 handle is opened lazily and re-opened in each process, so the object can be handed
-    to DataLoader workers.
+    :meth:`image` gives the centred ``patch_size`` crop of a tile larger than that (the recipe's
+    448-px tiles: evaluation sees the 256-px patch the model makes, as training sees random ones);
+    ``patch_size=None`` gives whole tiles. The HDF5 handle is opened lazily and re-opened in each
+    process, so the object can be handed to DataLoader workers.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, patch_size: int | None = PATCH_SIZE) -> None:
         self.path = Path(path)
+        self.patch_size = patch_size
         if not self.path.is_file():
             raise FileNotFoundError(f"split store not found: {self.path}")
         self._h5: h5py.File | None = None
@@ -100,12 +105,22 @@ class SplitStore:
             self._h5 = None
 
     def image(self, index: int) -> Image.Image:
-        """Decode tile ``index`` as an RGB PIL image."""
-        return self._open(index).convert("RGB")
+        """Tile ``index`` as an RGB PIL image, centre-cropped to ``patch_size`` if larger."""
+        img = self._open(index).convert("RGB")
+        if not self._crops(*img.size):
+            return img
+        left, top = crop_origin(*img.size, self.patch_size)
+        return img.crop((left, top, left + self.patch_size, top + self.patch_size))
 
     def image_size(self, index: int) -> tuple[int, int]:
-        """``(width, height)`` of tile ``index`` from its header, without decoding the pixels."""
-        return self._open(index).size
+        """``(width, height)`` of :meth:`image` ``index`` from its header, without decoding."""
+        size = self._open(index).size
+        return (self.patch_size, self.patch_size) if self._crops(*size) else size
+
+    def _crops(self, w: int, h: int) -> bool:
+        """Whether a ``w`` x ``h`` tile is cropped (smaller ones, e.g. other image sets, are not)."""
+        size = self.patch_size
+        return size is not None and w >= size and h >= size and (w, h) != (size, size)
 
     def _open(self, index: int) -> Image.Image:
         data = self._file()["images"][int(index)]
@@ -152,7 +167,7 @@ def pil_transform(center_crop: int | None = None, resize: int | None = None) -> 
             w, h = img.size
             if center_crop > min(w, h):
                 raise ValueError(f"centre crop {center_crop} is larger than the image ({w}x{h})")
-            left, top = (w - center_crop) // 2, (h - center_crop) // 2
+            left, top = crop_origin(w, h, center_crop)
             img = img.crop((left, top, left + center_crop, top + center_crop))
         if resize is not None and img.size != (resize, resize):
             img = img.resize((resize, resize), Image.BICUBIC)
