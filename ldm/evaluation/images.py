@@ -118,7 +118,7 @@ class SplitStore:
         return (self.patch_size, self.patch_size) if self._crops(*size) else size
 
     def _crops(self, w: int, h: int) -> bool:
-        """Whether a ``w`` x ``h`` tile is cropped (smaller ones, e.g. other image sets, are not)."""
+        """Whether a ``w`` x ``h`` tile is cropped (smaller ones, e.g. other image sets, aren't)."""
         size = self.patch_size
         return size is not None and w >= size and h >= size and (w, h) != (size, size)
 
