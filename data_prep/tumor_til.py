@@ -20,18 +20,32 @@ the CSV or model file is stored), and recomputes them when the input changed. Ra
 [0, 1], a CSV whose patches overlap no tile, and truncated stores are named failures. The tile
 folder is locked while a run works on it.
 
+The paper's probabilities come from the models of its references [24] (Le et al. 2020, breast
+tumor) and [1] (Abousamra et al. 2022, TILs), which wsinfer runs as
+``breast-tumor-resnet34.tcga-brca`` (CSV column ``prob_Tumor``) and
+``pancancer-lymphocytes-inceptionv4.tcga`` (``prob_Lymphocytes``). The default columns are
+``prob_tumor`` and ``prob_til`` (the spelling of the authors' released split); a CSV that has
+only the old spelling ``prob_tils`` is still read, with a deprecation warning.
+
 Example::
 
+    wsinfer run --wsi-dir slides/ --results-dir wsinfer-tumor \\
+        --model breast-tumor-resnet34.tcga-brca
+    wsinfer run --wsi-dir slides/ --results-dir wsinfer-til \\
+        --model pancancer-lymphocytes-inceptionv4.tcga
     python -m data_prep.tumor_til --tiles tiles/ --tumor-csv-dir wsinfer-tumor/model-outputs-csv \\
-        --til-csv-dir wsinfer-til/model-outputs-csv --tumor-column prob_tumor --til-column prob_tils
+        --til-csv-dir wsinfer-til/model-outputs-csv --tumor-column prob_Tumor \\
+        --til-column prob_Lymphocytes
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import math
 import sys
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -74,10 +88,31 @@ class SlideFailure(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- wsinfer CSVs
+TIL_COLUMN = "prob_til"  # the one spelling (the authors' released split uses it too)
+OLD_SPELLINGS = {TIL_COLUMN: "prob_tils"}  # still read, with a deprecation warning
+
+
+def _spelling_in(path: Path, column: str) -> str:
+    """``column``, or its old spelling where the CSV has only that (with a deprecation warning)."""
+    old = OLD_SPELLINGS.get(column)
+    if old is None:
+        return column
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        header = next(csv.reader(fh), [])
+    if column in header or old not in header:
+        return column
+    message = (f"{path}: reading the TIL column by its old spelling {old!r}; name it "
+               f"{column!r} (the old spelling will stop being read)")
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+    logger.warning("%s", message)
+    return old
+
+
 def read_wsinfer_csv(path: Path, column: str) -> tuple[np.ndarray, np.ndarray]:
     """``(boxes (M, 4) minx/miny/width/height, probs (M,))`` from one wsinfer CSV."""
     if not path.is_file():
         raise SlideFailure(f"no wsinfer CSV: {path}")
+    column = _spelling_in(path, column)
     need = ("minx", "miny", "width", "height", column)
     try:
         rows = [[r[c] for c in need] for r in read_csv_table(path, need)]
@@ -426,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.tumor_til", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiles", type=Path, required=True, help="folder of per-slide tile stores")
-    for t, col in (("tumor", "prob_tumor"), ("til", "prob_tils")):
+    for t, col in (("tumor", "prob_tumor"), ("til", TIL_COLUMN)):
         p.add_argument(f"--{t}-csv-dir", type=Path, help=f"wsinfer CSVs for {t} (<slide_id>.csv)")
         p.add_argument(f"--{t}-column", default=col, help=f"{t} column (default: %(default)s)")
         p.add_argument(f"--{t}-classifier", help=f"{t} classifier: TorchScript/state_dict file "

@@ -63,7 +63,7 @@ def _wsinfer_csvs(tmp: Path, tiles: Path) -> int:
         with h5py.File(tiles / f"{sid}.h5", "r") as f:
             uncovered += int((f["coords"][:, 0] >= 1400).sum())
         for target, cols in (("tumor", ("prob_notumor", "prob_tumor")),
-                             ("til", ("prob_notils", "prob_tils"))):
+                             ("til", ("prob_notil", "prob_til"))):
             d = tmp / target
             d.mkdir(exist_ok=True)
             with (d / f"{sid}.csv").open("w", newline="") as fh:

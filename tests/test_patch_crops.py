@@ -93,7 +93,7 @@ def test_tumor_til_average_covers_the_whole_448_tile(tmp_path):
         w.writerow([0, 0, 100, 100, 0.9, 0.8])  # top-left margin: outside the centre crop
         w.writerow([0, 600, 300, 200, 0.3, 0.2])  # bottom-left, partly inside the tile
     assert tumor_til_main(["--tiles", str(tiles_dir), "--tumor-csv-dir", str(csv_dir),
-                           "--til-csv-dir", str(csv_dir), "--til-column", "prob_til"]) == 0
+                           "--til-csv-dir", str(csv_dir)]) == 0
     with h5py.File(tiles_dir / "S1.h5", "r") as f:
         tumor, til = float(f["tumor_prob"][0]), float(f["til_prob"][0])
     a1, a2 = 100 * 100, 300 * 200

@@ -93,8 +93,8 @@ def test_wsinfer_csvs_into_stores(tmp_path, capsys):
     til_rows = [(x, y, w, h, 0.3) for x, y, w, h, _ in grid]
     _write_csv(tmp_path / "tum" / "TCGA-AA-0001-01Z-00-DX1.csv", grid, ("prob_notumor",
                                                                      "prob_tumor"))
-    _write_csv(tmp_path / "til" / "TCGA-AA-0001-01Z-00-DX1.csv", til_rows, ("prob_notils",
-                                                                        "prob_tils"))
+    _write_csv(tmp_path / "til" / "TCGA-AA-0001-01Z-00-DX1.csv", til_rows, ("prob_notil",
+                                                                        "prob_til"))
     args = ["--tiles", str(tiles), "--tumor-csv-dir", str(tmp_path / "tum"),
             "--til-csv-dir", str(tmp_path / "til")]
     assert main(args) == 1  # the second slide has no CSV
@@ -103,7 +103,7 @@ def test_wsinfer_csvs_into_stores(tmp_path, capsys):
     store = tiles / "TCGA-AA-0001-01Z-00-DX1.h5"
     with h5py.File(store, "r") as f:
         tumor, til = f["tumor_prob"][:], f["til_prob"][:]
-        assert "prob_tumor" in f.attrs["tumor_source"] and "prob_tils" in f.attrs["til_source"]
+        assert "prob_tumor" in f.attrs["tumor_source"] and "prob_til" in f.attrs["til_source"]
     boxes = np.array([g[:4] for g in grid], float)
     expected = _brute_force(coords, boxes, np.array([g[4] for g in grid]))
     np.testing.assert_allclose(tumor, expected, rtol=1e-5)
