@@ -4,9 +4,11 @@
 Subcommands:
   ref-stats  Inception statistics of real patches (split store or image folder) in
              pytorch-fid's npz format (mu, sigma), plus a features sidecar for KID.
-  generate   N samples (10,000 by default) whose captions are drawn from a split store: each
-             sample takes a real patch's tumor/TIL levels and one summary of its slide.
-             Resumable (existing PNGs are kept) and shardable (--shard i/n).
+  generate   N samples (10,000 by default) whose captions are drawn from a split store:
+             --prompt-sampling uniform (default, the paper's protocol) draws the tumor/TIL
+             combination uniformly and a summary of a uniformly drawn slide; data takes a real
+             patch's levels and one summary of its slide. Resumable (existing PNGs are kept)
+             and shardable (--shard i/n).
   score      FID and KID of generated folders against reference statistics or images.
   sweep      generate + score for several guidance scales (--scales) with prompts from the
              train and the held-out test split, reported side by side.
@@ -50,6 +52,7 @@ from ldm.evaluation.images import (  # noqa: E402
     write_json,
     write_text,
 )
+from ldm.evaluation.sampling import PROMPT_SAMPLINGS  # noqa: E402
 
 logger = logging.getLogger("fid")
 
@@ -88,6 +91,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
     g.add_argument("--seed", type=int, default=0, help="seed of captions and noise")
     g.add_argument("--n", type=int, default=10_000, help="samples per prompt split")
+    g.add_argument("--prompt-sampling", choices=PROMPT_SAMPLINGS, default="uniform",
+                   help="uniform: tumor/TIL combination (class) uniformly, summary of a slide "
+                        "drawn uniformly over slides, as the paper; data: a random real patch's "
+                        "levels and a summary of its slide (the data's distribution)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,9 +215,9 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
     settings = {"checkpoint": str(loaded.checkpoint_path.resolve()), "weights": loaded.weights,
                 "store": str(args.store.resolve()), "split": split, "conditioning": kind,
                 "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
-                "n": args.n}
+                "prompt_sampling": args.prompt_sampling, "n": args.n}
     _check_settings(args.outdir / "generation.json", settings)
-    plan = caption_plan(store, args.n, seed=args.seed)
+    plan = caption_plan(store, args.n, seed=args.seed, sampling=args.prompt_sampling)
     for rec in plan:
         rec["file"] = f"{rec['index']:06d}.png"
     write_text("".join(json.dumps(r) + "\n" for r in plan), args.outdir / "samples.jsonl")
@@ -254,7 +261,8 @@ def score_folders(model: Any, args: argparse.Namespace, folders: Sequence[Path])
         meta = _sample_meta(folder)
         feats = _features(model, folder, args)
         row = {"samples": str(folder), "split": meta.get("split"), "scale": meta.get("scale"),
-               "n": len(feats), "fid": frechet_distance(*feature_statistics(feats), mu_r, sigma_r)}
+               "prompt_sampling": meta.get("prompt_sampling"), "n": len(feats),
+               "fid": frechet_distance(*feature_statistics(feats), mu_r, sigma_r)}
         if feats_r is not None:
             row["kid"], row["kid_std"] = kid(feats, feats_r, num_subsets=args.kid_subsets,
                                              subset_size=args.kid_subset_size, seed=0)
@@ -270,8 +278,9 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 def render(rows: Sequence[dict[str, Any]], dims: int) -> str:
     """Flat table, plus train vs held-out FID side by side when both splits are present."""
     flat = format_table(
-        ["samples", "prompts", "scale", "n", f"FID ({dims})", "KID x1e3"],
-        [[r["samples"], r["split"], _fmt(r["scale"], "g"), r["n"], _fmt(r["fid"]),
+        ["samples", "prompts", "sampling", "scale", "n", f"FID ({dims})", "KID x1e3"],
+        [[r["samples"], r["split"], r.get("prompt_sampling"), _fmt(r["scale"], "g"), r["n"],
+          _fmt(r["fid"]),
           ("" if "kid" not in r else f"{1e3 * r['kid']:.3f} ± {1e3 * r['kid_std']:.3f}")]
          for r in rows])
     splits = list(dict.fromkeys(r["split"] for r in rows if r["split"]))
@@ -298,7 +307,10 @@ def cmd_score(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json({"reference": str(args.ref), "dims": args.dims, "results": rows}, out)
+    sampling = sorted({str(r.get("prompt_sampling")) for r in rows})
+    write_json({"reference": str(args.ref), "dims": args.dims,
+                "prompt_sampling": sampling[0] if len(sampling) == 1 else sampling,
+                "results": rows}, out)
     print(render(rows, args.dims))
     print(f"\nresults: {out}")
 

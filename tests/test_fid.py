@@ -227,9 +227,9 @@ def test_caption_plan_from_store(tmp_path):
     til = [0.7, 0.2, 0.3, 0.49, 0.0]
     store = write_store(tmp_path / "test.h5", images, [0, 1, 1, 2, 0], tumor, til,
                         ["A", "B", "C"], [["a0", "a1"], ["b0"], []], split="test")
-    plan = caption_plan(SplitStore(store), 40, seed=5)
-    assert plan[:10] == caption_plan(SplitStore(store), 10, seed=5)
-    assert plan != caption_plan(SplitStore(store), 40, seed=6)
+    plan = caption_plan(SplitStore(store), 40, seed=5, sampling="data")
+    assert plan[:10] == caption_plan(SplitStore(store), 10, seed=5, sampling="data")
+    assert plan != caption_plan(SplitStore(store), 40, seed=6, sampling="data")
     used = {r["patch_index"] for r in plan}
     assert used <= {0, 1, 4}  # patch 2 has NaN tumor, patch 3's slide has no summary
     expected = {0: ("low", "high", 1, "A"), 1: ("high", "low", 2, "B"), 4: ("high", "low", 2, "A")}
@@ -240,6 +240,34 @@ def test_caption_plan_from_store(tmp_path):
         summary = {"A": ["a0", "a1"], "B": ["b0"]}[slide][r["summary_index"]]
         assert r["caption"] == f"{tumor_level} tumor; {til_level} til; {summary}"
     assert len({r["seed"] for r in plan}) == 40
+
+
+def test_uniform_prompts_draw_combinations_and_slides_uniformly(tmp_path):
+    """uniform (the paper's protocol): combinations and slides uniform, whatever the data's."""
+    rng = np.random.default_rng(1)
+    n = 20  # slide A: 2 patches, slide B: 18, every patch low tumor / low til
+    images = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(n)]
+    store = SplitStore(write_store(tmp_path / "train.h5", images, [0, 0] + [1] * (n - 2),
+                                   [0.1] * n, [0.2] * n, ["A", "B", "C"],
+                                   [["a0", "a1"], ["b0"], []], split="train"))
+    uniform = caption_plan(store, 800, seed=3)  # the default
+    data = caption_plan(store, 800, seed=3, sampling="data")
+    combos = {(r["tumor"], r["til"]): 0 for r in uniform}
+    for r in uniform:
+        combos[(r["tumor"], r["til"])] += 1
+    assert sorted(combos) == [("high", "high"), ("high", "low"), ("low", "high"), ("low", "low")]
+    assert all(160 < c < 240 for c in combos.values())  # 200 each expected
+    assert {r["class_label"] for r in uniform} == {0, 1, 2, 3}
+    assert 340 < sum(r["slide"] == "A" for r in uniform) < 460  # 400: slides uniformly
+    assert {r["slide"] for r in uniform} == {"A", "B"}  # C has no summary
+    assert all(r["patch_index"] is None for r in uniform)
+    assert all(r["caption"] == f"{r['tumor']} tumor; {r['til']} til; "
+               + {"A": ["a0", "a1"], "B": ["b0"]}[r["slide"]][r["summary_index"]]
+               for r in uniform)
+    assert {(r["tumor"], r["til"]) for r in data} == {("low", "low")}
+    assert sum(r["slide"] == "A" for r in data) < 140  # 80 expected: slides by patch count
+    with pytest.raises(ValueError, match="prompt sampling"):
+        caption_plan(store, 1, sampling="patches")
 
 
 @pytest.fixture(scope="module")
@@ -284,10 +312,13 @@ def test_generate_sharded_resumable(text_ckpt, tmp_path):
                for r in records)
     meta = json.loads((tmp_path / "sh" / "generation.json").read_text())
     assert (meta["split"], meta["n"], meta["weights"], meta["scale"]) == ("test", 5, "ema", 1.75)
+    assert meta["prompt_sampling"] == "uniform"
     again = fid.main([*common, "--outdir", str(tmp_path / "sh"), "--shard", "1/2"])
     assert again["generated"] == 0 and again["shard_size"] == 2
     with pytest.raises(ValueError, match="other settings.*scale"):
         fid.main([*common, "--outdir", str(tmp_path / "sh"), "--scale", "3"])
+    with pytest.raises(ValueError, match="other settings.*prompt_sampling"):
+        fid.main([*common, "--outdir", str(tmp_path / "sh"), "--prompt-sampling", "data"])
 
 
 def test_sweep_reports_train_and_held_out_prompts(text_ckpt, torch_home, tmp_path, capsys):
@@ -302,7 +333,9 @@ def test_sweep_reports_train_and_held_out_prompts(text_ckpt, torch_home, tmp_pat
     rows = fid.main(["sweep", "--ckpt", str(text_ckpt), "--ref", str(tmp_path / "ref.npz"),
                      "--train-store", str(train), "--test-store", str(test), "--scales", "1",
                      "2.5", "--n", "3", "--steps", "2", "--batch-size", "3",
-                     "--outdir", str(tmp_path / "sweep"), *inception])
+                     "--outdir", str(tmp_path / "sweep"), "--prompt-sampling", "data",
+                     *inception])
+    assert {r["prompt_sampling"] for r in rows} == {"data"}
     assert [(r["scale"], r["split"], r["n"]) for r in rows] == [
         (1.0, "train", 3), (1.0, "test", 3), (2.5, "train", 3), (2.5, "test", 3)]
     assert all(np.isfinite(r["fid"]) and "kid" in r for r in rows)
@@ -311,3 +344,7 @@ def test_sweep_reports_train_and_held_out_prompts(text_ckpt, torch_home, tmp_pat
     assert "FID train prompts" in text and "FID test prompts" in text
     saved = json.loads((tmp_path / "sweep" / "sweep_results.json").read_text())
     assert [r["fid"] for r in saved["results"]] == [r["fid"] for r in rows]
+    assert saved["prompt_sampling"] == "data"
+    plan = [json.loads(line) for line in
+            (tmp_path / "sweep" / "scale_1" / "train" / "samples.jsonl").open()]
+    assert all(r["patch_index"] is not None for r in plan)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ldm.data.captions import (
+    LEVEL_NAMES,
     caption_from_levels,
     class_label_from_levels,
     level_name,
@@ -19,6 +20,15 @@ from ldm.data.captions import (
 from ldm.evaluation.images import SplitStore, to_uint8
 
 logger = logging.getLogger(__name__)
+
+# (tumor, til) level pairs in class-label order: 0 low/low, 1 low/high, 2 high/low, 3 high/high
+TUMOR_TIL_COMBINATIONS: tuple[tuple[str, str], ...] = tuple(
+    (tumor, til) for tumor in LEVEL_NAMES[2] for til in LEVEL_NAMES[2])
+# How FID prompts are drawn. uniform: the paper's protocol ("we randomly sample classes ...
+# randomly select summaries from the training set"): a tumor/TIL combination uniformly, a slide
+# uniformly, one of its summaries uniformly. data: a random real patch's levels and one summary
+# of its slide, i.e. the data's distribution (slides weighted by their patch counts).
+PROMPT_SAMPLINGS = ("uniform", "data")
 
 _LEVELS_RE = re.compile(r"^\s*(low|high) tumor;\s*(low|high) til;", re.IGNORECASE)
 
@@ -161,33 +171,61 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
     return len(todo)
 
 
-def caption_plan(store: SplitStore, n: int, seed: int = 0) -> list[dict[str, Any]]:
+def caption_plan(store: SplitStore, n: int, seed: int = 0,
+                 sampling: str = "uniform") -> list[dict[str, Any]]:
     """Conditions of ``n`` samples drawn from a split store, one seeded draw per index.
 
-    Sample ``i`` picks a real patch (with known tumor/TIL probabilities) and one of its slide's
-    summaries, giving the training-format caption, the levels and the class label. The draw of
-    index ``i`` depends only on ``(seed, i)``, so plans of different ``n`` share their prefix.
+    ``sampling`` (``PROMPT_SAMPLINGS``): ``uniform`` draws the tumor/TIL combination (hence the
+    class label) uniformly and a summary from a slide drawn uniformly over the store's slides
+    with a summary; ``data`` takes a real patch (with known tumor/TIL probabilities) and one of
+    its slide's summaries. The draw of index ``i`` depends only on ``(seed, i)``, so plans of
+    different ``n`` share their prefix.
     """
-    tumor, til = store.array("tumor_prob"), store.array("til_prob")
-    slide_index = store.array("slide_index")
-    slides = store.array("slides")
+    if sampling not in PROMPT_SAMPLINGS:
+        raise ValueError(f"prompt sampling must be one of {PROMPT_SAMPLINGS}, got {sampling!r}")
     summaries = store.slide_summaries()
-    valid = np.flatnonzero(np.isfinite(tumor) & np.isfinite(til)
-                           & np.array([len(summaries[s]) > 0 for s in slide_index], dtype=bool))
-    if len(valid) == 0:
-        raise ValueError(f"{store.path}: no patch has tumor/TIL probabilities and a summary")
+    slides = store.array("slides")
+    draw = _uniform_draw(summaries, store) if sampling == "uniform" else _data_draw(summaries,
+                                                                                    store)
     plan = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        j = int(valid[rng.integers(len(valid))])
-        s = int(slide_index[j])
+        tumor_level, til_level, s, patch = draw(rng)
         k = int(rng.integers(len(summaries[s])))
-        tumor_level = level_name(prob_to_level(tumor[j]))
-        til_level = level_name(prob_to_level(til[j]))
         plan.append({"index": i, "caption": caption_from_levels(tumor_level, til_level,
                                                                 summaries[s][k]),
                      "tumor": tumor_level, "til": til_level,
                      "class_label": class_label_from_levels(tumor_level, til_level),
-                     "patch_index": j, "slide": str(slides[s]), "summary_index": k,
+                     "patch_index": patch, "slide": str(slides[s]), "summary_index": k,
                      "seed": image_seed(seed, i)})
     return plan
+
+
+def _uniform_draw(summaries: list[list[str]], store: SplitStore) -> Any:
+    """``rng -> (tumor, til, slide, None)``: a uniform combination and a uniform slide."""
+    with_summary = [s for s, texts in enumerate(summaries) if texts]
+    if not with_summary:
+        raise ValueError(f"{store.path}: no slide has a summary")
+
+    def draw(rng: np.random.Generator) -> tuple[str, str, int, None]:
+        tumor, til = TUMOR_TIL_COMBINATIONS[int(rng.integers(len(TUMOR_TIL_COMBINATIONS)))]
+        return tumor, til, with_summary[int(rng.integers(len(with_summary)))], None
+
+    return draw
+
+
+def _data_draw(summaries: list[list[str]], store: SplitStore) -> Any:
+    """``rng -> (tumor, til, slide, patch)``: a random real patch's levels and its slide."""
+    tumor, til = store.array("tumor_prob"), store.array("til_prob")
+    slide_index = store.array("slide_index")
+    valid = np.flatnonzero(np.isfinite(tumor) & np.isfinite(til)
+                           & np.array([len(summaries[s]) > 0 for s in slide_index], dtype=bool))
+    if len(valid) == 0:
+        raise ValueError(f"{store.path}: no patch has tumor/TIL probabilities and a summary")
+
+    def draw(rng: np.random.Generator) -> tuple[str, str, int, int]:
+        j = int(valid[rng.integers(len(valid))])
+        return (level_name(prob_to_level(tumor[j])), level_name(prob_to_level(til[j])),
+                int(slide_index[j]), j)
+
+    return draw
