@@ -98,6 +98,7 @@ class Generator:
         self._pending: list[str] = []
         self._lock = threading.Lock()
         self._loaded: Any = None
+        self._step: dict[str, tuple[int, int]] = {}  # job -> (DDIM step done, steps), in memory
         self._load_error: Exception | None = None
         self._thread = threading.Thread(target=self._work, name="generator", daemon=True)
 
@@ -125,6 +126,14 @@ class Generator:
         """How many jobs run or wait before this one (None once it is not pending)."""
         with self._lock:
             return self._pending.index(job_id) if job_id in self._pending else None
+
+    def fraction(self, job: dict[str, Any]) -> float:
+        """Share of the job's work done, counting DDIM steps of the running batch."""
+        if job["status"] == "done":
+            return 1.0
+        step, steps = self._step.get(job["id"], (0, 1))
+        batch = min(self.spec.batch_size, job["total"] - job["done"])
+        return min(1.0, (job["done"] + batch * step / steps) / job["total"])
 
     def job_dir(self, job_id: str) -> Path:
         """The output folder of a job."""
@@ -185,13 +194,19 @@ class Generator:
                 "request": params, "job": job_id, "reader": job["reader"]}
         write_json(meta, out / "metadata.json")
         items = [{"path": out / r["file"], "seed": r["seed"], "cond": cond} for r in images]
-        bs = self.spec.batch_size
+        bs, steps = self.spec.batch_size, params["steps"]
+
+        def on_step(i: int) -> None:
+            self._step[job_id] = (i + 1, steps)
+
         for start in range(0, len(items), bs):
-            generate_to_folder(model, items[start:start + bs], bs, params["steps"],
-                               params["scale"], 0.0, desc=f"job {job_id}")
+            self._step[job_id] = (0, steps)
+            generate_to_folder(model, items[start:start + bs], bs, steps, params["scale"], 0.0,
+                               desc=f"job {job_id}", callback=on_step)
             self.db.update_job(job_id, done=min(start + bs, len(items)))
         self._write_grid(out, images)
         self.db.update_job(job_id, status="done", done=len(items))
+        self._step.pop(job_id, None)
 
     @staticmethod
     def _write_grid(out: Path, images: list[dict[str, Any]]) -> None:

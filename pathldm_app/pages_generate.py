@@ -72,6 +72,7 @@ def job_status(request: Request, job_id: str) -> dict[str, Any]:
         caption = meta["conditions"][0]
     return {"id": job_id, "status": job["status"], "done": job["done"], "total": job["total"],
             "error": job["error"], "queue_position": gen.queue_position(job_id),
+            "fraction": gen.fraction(job),
             "caption": caption}
 
 

@@ -95,6 +95,7 @@ def generate(driver, server: AppServer) -> dict:
     wait_for(lambda: by_id(driver, "result").is_displayed(), what="generation result")
     assert by_id(driver, "caption").text == "high tumor; high til; slide 1 summary 0"
     assert driver.execute_script("return document.getElementById('grid').naturalWidth") == 38
+    assert driver.execute_script("return document.getElementById('progress').value") == 1
     shot(driver, "generate")
     with opener.open(f"{server.url}/generate/jobs/{job_id}/images.zip", timeout=30) as r:
         zf = zipfile.ZipFile(io.BytesIO(r.read()))

@@ -260,3 +260,30 @@ def test_token_login_and_sessions_over_http(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_generation_request_checks_and_progress(tmp_path):
+    from pathldm_app.generate import Generator, ModelSpec, plan_job, validate_request
+    from pathldm_app.storage import Database
+
+    form = {"tumor": "HIGH", "til": "low", "summary": "  a  b ", "scale": "1.75",
+            "steps": "50", "seed": "7", "n": "3"}
+    params = validate_request(form)
+    assert params == {"tumor": "high", "til": "low", "summary": "a b", "scale": 1.75,
+                      "steps": 50, "seed": 7, "n": 3}
+    for key, value, message in (("tumor", "mid", "tumor must be low or high"),
+                                ("steps", "0", r"steps must be in \[1, 1000\]"),
+                                ("n", "x", "n must be an integer"),
+                                ("scale", "nan", "scale must be in")):
+        with pytest.raises(ValueError, match=message):
+            validate_request({**form, key: value})
+    cond, images = plan_job(params, "text")
+    assert cond == "high tumor; low til; a b"
+    assert [r["file"] for r in images] == ["00000.png", "00001.png", "00002.png"]
+    assert plan_job(params, "class")[0] == 2 and len({r["seed"] for r in images}) == 3
+    gen = Generator(Database(tmp_path / "a.sqlite"), ModelSpec("none", batch_size=2),
+                    tmp_path / "out", settings_id=1)
+    job = {"id": "j", "status": "running", "done": 2, "total": 3}
+    gen._step["j"] = (25, 50)  # half-way through the last batch (one image)
+    assert gen.fraction(job) == pytest.approx(2.5 / 3)
+    assert gen.fraction({**job, "status": "done"}) == 1.0

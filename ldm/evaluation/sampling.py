@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,11 @@ def class_of(cond: str | int) -> int:
 
 @torch.no_grad()
 def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Sequence[int],
-                 steps: int = 50, scale: float = 1.75, eta: float = 0.0) -> np.ndarray:
+                 steps: int = 50, scale: float = 1.75, eta: float = 0.0,
+                 callback: Callable[[int], None] | None = None) -> np.ndarray:
     """Generate one image per ``(cond, seed)`` with DDIM; uint8 ``(B, H, W, 3)``.
+
+    ``callback(i)`` is called after DDIM step ``i`` (0-based), e.g. to report progress.
 
     With ``eta = 0`` each image depends only on its seed; with ``eta > 0`` the sampler's extra
     noise is seeded from the batch's first seed, so results then also depend on batching.
@@ -131,7 +134,8 @@ def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Se
     torch.manual_seed(int(seeds[0]))
     samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
                                 unconditional_guidance_scale=scale,
-                                unconditional_conditioning=uc, x_T=x_t, verbose=False)
+                                unconditional_conditioning=uc, x_T=x_t, verbose=False,
+                                callback=callback)
     return to_uint8(model.decode_first_stage(samples))
 
 
@@ -143,7 +147,8 @@ def make_sampler(model: Any) -> Any:
 
 
 def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: int,
-                       steps: int, scale: float, eta: float, desc: str = "sampling") -> int:
+                       steps: int, scale: float, eta: float, desc: str = "sampling",
+                       callback: Callable[[int], None] | None = None) -> int:
     """Write one PNG per item (``{"path", "cond", "seed"}``), skipping existing files.
 
     Returns how many images were generated; files appear atomically, so an interrupted run
@@ -164,7 +169,8 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
             images = sample_batch(model, sampler, [it["cond"] for it in batch],
-                                  [it["seed"] for it in batch], steps=steps, scale=scale, eta=eta)
+                                  [it["seed"] for it in batch], steps=steps, scale=scale, eta=eta,
+                                  callback=callback)
             for it, img in zip(batch, images):
                 save_png(img, it["path"])
             bar.update(len(batch))

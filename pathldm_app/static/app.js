@@ -17,12 +17,13 @@ if (job) {
     const r = await fetch(`/api/jobs/${id}`, { cache: "no-store" });
     if (!r.ok) { status.textContent = `error ${r.status}`; return; }
     const s = await r.json();
-    progress.max = s.total;
-    progress.value = s.done;
+    progress.max = 1;
+    progress.value = s.fraction;
     if (s.status === "queued") {
       status.textContent = s.queue_position ? `queued (${s.queue_position} ahead)` : "queued";
     } else if (s.status === "running") {
-      status.textContent = `generating: ${s.done} of ${s.total} images`;
+      status.textContent = `generating: ${s.done} of ${s.total} images done ` +
+        `(${Math.round(100 * s.fraction)}%)`;
     } else if (s.status === "error") {
       status.textContent = `failed: ${s.error}`;
       return;
