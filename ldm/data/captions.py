@@ -43,6 +43,14 @@ def class_label(tumor_prob: float, til_prob: float) -> int:
     return 2 * prob_to_level(tumor_prob, 2) + prob_to_level(til_prob, 2)
 
 
+def legacy_class_label(tumor_prob: float, til_prob: float) -> int:
+    """The original class-conditional dataset's label: high when ``p > 0.5`` (so 0.5 is low).
+
+    Differs from :func:`class_label` only at exactly 0.5; used by ``legacy_class_label``.
+    """
+    return 2 * int(float(tumor_prob) > 0.5) + int(float(til_prob) > 0.5)
+
+
 def class_label_from_levels(tumor: str, til: str) -> int:
     """Class label from level names (``low``/``high``)."""
     levels = {"low": 0, "high": 1}

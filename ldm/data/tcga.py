@@ -24,7 +24,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.data.captions import UNCONDITIONAL_CLASS, caption_from_levels, level_name, prob_to_level
+from ldm.data.captions import (
+    UNCONDITIONAL_CLASS,
+    caption_from_levels,
+    legacy_class_label,
+    level_name,
+    prob_to_level,
+)
 from ldm.data.patches import PATCH_SIZE, crop_origin
 from ldm.data.sampling import EpochSampler, SampleKey
 from ldm.util import instantiate_from_config
@@ -68,6 +74,9 @@ class TCGAPatchDataset(Dataset):
         n_levels: number of tumor/TIL levels (2: low/high).
         legacy_til_exemption: reproduce the original PathLDM dataset, which never dropped the
             caption of a high-TIL patch.
+        legacy_class_label: reproduce the original class-conditional dataset: labels from
+            ``p > 0.5`` and a known label never dropped (its dropout was overwritten); patches
+            without a probability still get class 4.
         seed: dataset seed mixed into every per-sample generator.
         latents_path: optional store of cached first-stage latents (``scripts/cache_latents.py``).
     """
@@ -77,7 +86,8 @@ class TCGAPatchDataset(Dataset):
     def __init__(self, path: str | Path, size: int = PATCH_SIZE, random_crop: bool = True,
                  flip: bool = True, p_uncond: float = 0.0, summary_mode: str = "first",
                  n_levels: int = 2, legacy_til_exemption: bool = False, seed: int = 0,
-                 latents_path: str | Path | None = None) -> None:
+                 latents_path: str | Path | None = None,
+                 legacy_class_label: bool = False) -> None:
         super().__init__()
         if summary_mode not in SUMMARY_MODES:
             raise ValueError(f"summary_mode must be one of {SUMMARY_MODES}, got {summary_mode!r}")
@@ -92,6 +102,7 @@ class TCGAPatchDataset(Dataset):
         self.summary_mode = summary_mode
         self.n_levels = n_levels
         self.legacy_til_exemption = legacy_til_exemption
+        self.legacy_class_label = legacy_class_label
         self.seed = int(seed)
         self._file: h5py.File | None = None
         self._pid: int | None = None
@@ -249,15 +260,19 @@ class TCGAPatchDataset(Dataset):
         til = _level(self.til_prob[idx], self.n_levels)
         summary = self._summary(int(self.slide_index[idx]), u_summary, u_slide)
         caption = self.caption(tumor, til, summary)
-        if tumor is None or til is None or self.n_levels != 2:
+        if tumor is None or til is None:
             label = UNCONDITIONAL_CLASS
+        elif self.legacy_class_label:
+            label = legacy_class_label(self.tumor_prob[idx], self.til_prob[idx])
         else:
-            label = 2 * tumor + til
+            label = 2 * tumor + til if self.n_levels == 2 else UNCONDITIONAL_CLASS
         drop = u_drop < self.p_uncond
         if self.legacy_til_exemption and til is not None and til > 0:
             drop = False  # the original never dropped high-TIL captions
         if drop:
-            caption, label = "", UNCONDITIONAL_CLASS
+            caption = ""
+            if not (self.legacy_class_label and label != UNCONDITIONAL_CLASS):
+                label = UNCONDITIONAL_CLASS  # the original overwrote a dropped known label
         return {"caption": caption, "class_label": label}
 
     def caption(self, tumor: int | None, til: int | None, summary: str) -> str:
