@@ -118,21 +118,21 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 class JsonlLog:
-    """Append-only JSONL file shared by worker threads; every line is flushed and fsynced.
-
-    Opening it repairs what a killed writer can leave: a torn last line is cut off (one
-    ``truncate``), and invalid lines elsewhere are dropped by an atomic rewrite, so strict JSONL
-    readers never meet them. Open it only while holding the file's :func:`output_lock`.
-    """
+    """Append-only JSONL file shared by worker threads; every line is flushed and fsynced."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists() and path.stat().st_size:
-            self._repair()
+        self._tail_checked = False
 
-    def _repair(self) -> None:
+    def repair(self) -> None:
+        """Remove what a killed writer can leave, so strict JSONL readers never meet it.
+
+        A torn last line is cut off (one ``truncate``); invalid lines elsewhere are dropped by an
+        atomic rewrite. Call it only while holding the file's :func:`output_lock`.
+        """
+        if not self.path.exists():
+            return
         data = self.path.read_bytes()
         end = data.rfind(b"\n") + 1
         if end < len(data):  # a killed run left half a line
@@ -140,9 +140,10 @@ class JsonlLog:
                            self.path, len(data) - end)
             os.truncate(self.path, end)
             data = data[:end]
-        lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
-        good = [ln for ln in lines if ln.strip() and _is_json(ln)]
-        if len(good) < len([ln for ln in lines if ln.strip()]):
+        lines = [ln for ln in data.decode("utf-8", errors="replace").splitlines(keepends=True)
+                 if ln.strip()]
+        good = [ln for ln in lines if _is_json(ln)]
+        if len(good) < len(lines):
             logger.warning("%s: dropping %d invalid line(s) (rewritten atomically)", self.path,
                            len(lines) - len(good))
             write_text_atomic(self.path, "".join(good))
@@ -154,10 +155,19 @@ class JsonlLog:
     def append(self, record: dict) -> None:
         """Append one record atomically with respect to other threads."""
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self._tail_checked:  # never glue a record to a torn line
+                self._tail_checked = True
+                if self.path.exists() and self.path.stat().st_size:
+                    with self.path.open("rb") as fh:
+                        fh.seek(-1, os.SEEK_END)
+                        if fh.read(1) != b"\n":
+                            line = "\n" + line
+            with self.path.open("a", encoding="utf-8") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
 
 
 def _is_json(line: str) -> bool:

@@ -4,10 +4,14 @@ For every report and summary index the model is first asked for the report's key
 in the same conversation, for a 75-word summary with ``max_tokens=154``. Each summary is
 checked to fit the 154-token CLIP budget together with the ``high tumor; high til; `` caption
 prefix; a misfit is regenerated up to ``--fit-retries`` times and flagged if it still does not
-fit. Output is append-only JSONL, one record per (report, summary index); a rerun skips pairs
-that are done, so an interrupted run never pays twice. Empty or unreadable reports get an
-error record with the reason. The API key is read from the environment (``OPENAI_API_KEY`` by
-default) and never logged or written.
+fit. Output is append-only JSONL, one record per (report, summary index); every API answer is
+recorded as it arrives (the key points and each regenerated misfit too), and a rerun skips
+pairs that are done and goes on from a pair's recorded steps. So a run killed in any way, even
+by SIGKILL, pays again at most for the calls that were in flight: at most ``--concurrency``
+calls per kill. A torn last line left by a kill is cut off on the next run. The output is locked
+while a run writes it: a second run on the same ``--out`` stops with the holder's pid. Empty or
+unreadable reports get an error record with the reason. The API key is read from the environment
+(``OPENAI_API_KEY`` by default) and never logged or written.
 
 Inputs: the TCGA reports corpus CSV (columns ``patient_filename,text``; configurable) or a
 folder of ``.txt`` files (report id = file name without ``.txt``).
@@ -26,7 +30,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import os
 import sys
@@ -34,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +46,15 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from tqdm import tqdm
 
-from data_prep.common import JsonlLog, RunSummary, add_logging_arg, setup_logging
+from data_prep.common import (
+    JsonlLog,
+    OutputLocked,
+    RunSummary,
+    add_logging_arg,
+    output_lock,
+    read_csv_table,
+    setup_logging,
+)
 from data_prep.llm import FatalAPIError, RetryPolicy, Usage, scrub
 from data_prep.summary_backends import (
     LOCAL_MODEL,
@@ -53,6 +64,13 @@ from data_prep.summary_backends import (
     TokenBudget,
     estimate_cost,
     load_price_table,
+)
+from ldm.argtypes import (
+    float_in,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,20 +111,18 @@ def _read_txt(p: Path) -> Report:
 
 
 def _read_csv(path: Path, id_column: str, text_column: str) -> list[Report]:
-    csv.field_size_limit(min(sys.maxsize, 2 ** 31 - 1))
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        cols = reader.fieldnames or []
-        missing = [c for c in (id_column, text_column) if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; columns are {cols} "
-                             "(set --id-column/--text-column)")
-        out = []
-        for row in reader:
-            rid = (row[id_column] or "").strip()
-            if rid:
-                out.append(_checked(rid, row[text_column]))
-        return out
+    rows = read_csv_table(path, (id_column, text_column), "set --id-column/--text-column")
+    out, no_id = [], []
+    for n, row in enumerate(rows, 1):
+        rid = row[id_column].strip()
+        if rid:
+            out.append(_checked(rid, row[text_column]))
+        else:
+            no_id.append(n)
+    if no_id:
+        logger.warning("%s: %d row(s) without a %s are left out (data rows %s)", path,
+                       len(no_id), id_column, no_id[:10])
+    return out
 
 
 def _checked(rid: str, text: str | None) -> Report:
@@ -123,6 +139,19 @@ class Job:
     log: JsonlLog
     fit_retries: int
     stop: threading.Event
+    steps: dict = field(default_factory=dict)  # (report_id, index) -> recorded partial steps
+
+    @property
+    def checkpoints(self) -> bool:
+        """Record partial steps only for backends whose calls are paid (API calls)."""
+        return getattr(self.backend, "client_usage", None) is not None
+
+    def record_step(self, report: Report, index: int, status: str, **fields: Any) -> None:
+        """Append a partial step (``key_points`` or ``misfit``) of a pair."""
+        if self.checkpoints:
+            self.log.append({"report_id": report.report_id, "summary_index": index,
+                             "status": status, "model": self.backend.model,
+                             "prompt_version": self.backend.prompt_version, **fields})
 
 
 def summarize_one(job: Job, report: Report, index: int) -> dict:
@@ -138,17 +167,26 @@ def summarize_one(job: Job, report: Report, index: int) -> dict:
 
 def _summarize_one(job: Job, report: Report, index: int) -> dict:
     usage = Usage()
-    key_points = job.backend.key_points(report.text, usage, f"{report.report_id}#{index}")
+    label = f"{report.report_id}#{index}"
+    done = job.steps.get((report.report_id, index), {})
+    key_points = done.get("key_points")
+    if key_points is None:
+        key_points = job.backend.key_points(report.text, usage, label)
+        job.record_step(report, index, "key_points", key_points=key_points,
+                        usage=usage.as_dict())
     res = None
-    for attempt in range(job.fit_retries + 1):
-        res = job.backend.summary(report.text, key_points, usage,
-                                  f"{report.report_id}#{index}")
+    first = min(done.get("misfits", 0), job.fit_retries)  # misfits recorded by a killed run
+    for attempt in range(first, job.fit_retries + 1):
+        res = job.backend.summary(report.text, key_points, usage, label)
         n_tokens = job.budget.count(res.content)
         if res.content and n_tokens <= job.budget.max_tokens:
             break
-        logger.warning("%s#%d: summary of %d CLIP tokens with the prefix (budget %d)%s",
-                       report.report_id, index, n_tokens, job.budget.max_tokens,
+        logger.warning("%s: summary of %d CLIP tokens with the prefix (budget %d)%s", label,
+                       n_tokens, job.budget.max_tokens,
                        ", regenerating" if attempt < job.fit_retries else ", flagged")
+        if attempt < job.fit_retries:
+            job.record_step(report, index, "misfit", attempt=attempt + 1, text=res.content,
+                            clip_tokens=n_tokens)
     record = {
         "report_id": report.report_id, "summary_index": index, "status": "ok",
         "text": res.content, "model": job.backend.model,
@@ -164,6 +202,21 @@ def _summarize_one(job: Job, report: Report, index: int) -> dict:
     return record
 
 
+def _partial_steps(records: list[dict], backend: Any) -> dict:
+    """Recorded key points and misfit counts of unfinished pairs, for this model and prompt."""
+    steps: dict = {}
+    for r in records:
+        if (r.get("model"), r.get("prompt_version")) != (backend.model, backend.prompt_version):
+            continue
+        pair = (r.get("report_id"), r.get("summary_index"))
+        if r.get("status") == "key_points" and r.get("key_points"):
+            steps.setdefault(pair, {})["key_points"] = r["key_points"]
+        elif r.get("status") == "misfit":
+            step = steps.setdefault(pair, {})
+            step["misfits"] = max(step.get("misfits", 0), int(r.get("attempt", 0)))
+    return steps
+
+
 def _done_pairs(records: list[dict]) -> tuple[set[tuple[str, int]], set[str], set[str]]:
     done = {(r["report_id"], r["summary_index"]) for r in records if r.get("status") == "ok"}
     input_errors = {r["report_id"] for r in records
@@ -177,7 +230,9 @@ def run(reports: list[Report], backend: Any, budget: TokenBudget, out: Path, n_s
         concurrency: int = 4, fit_retries: int = 2) -> RunSummary:
     """Summarize every (report, index) not yet in ``out``; returns the run summary."""
     log = JsonlLog(out)
-    done, input_errors, producers = _done_pairs(log.records())
+    log.repair()
+    records = log.records()
+    done, input_errors, producers = _done_pairs(records)
     current = f"{backend.model} / prompt {backend.prompt_version}"
     if producers - {current}:
         logger.warning("%s already holds summaries from %s; they count as done (write to a new "
@@ -194,7 +249,8 @@ def run(reports: list[Report], backend: Any, budget: TokenBudget, out: Path, n_s
             if (r.report_id, i) not in done]
     summary.skipped = [f"{r.report_id}#{i}" for r in reports if r.error is None
                        for i in range(n_summaries) if (r.report_id, i) in done]
-    job = Job(backend, budget, log, fit_retries, threading.Event())
+    job = Job(backend, budget, log, fit_retries, threading.Event(),
+              _partial_steps(records, backend))
     usage = Usage()
     summary.extra["flagged misfits"] = 0
     try:
@@ -274,26 +330,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "http://localhost:11434/v1 (Ollama)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the API key (default: %(default)s)")
-    p.add_argument("--n-summaries", type=int, default=1,
+    p.add_argument("--n-summaries", type=positive_int, default=1,
                    help="independent summaries per report (5 for the ablation)")
     p.add_argument("--prompt-version", default="v1", help="prompt files <part>_<version>.txt")
     p.add_argument("--prompt-dir", type=Path, default=None,
                    help="folder with system_/keypoints_/summary_<version>.txt (default: bundled)")
-    p.add_argument("--max-tokens", type=int, default=154,
+    p.add_argument("--max-tokens", type=positive_int, default=154,
                    help="max_tokens of the final summary answer (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature")
-    p.add_argument("--concurrency", type=int, default=4, help="parallel requests")
-    p.add_argument("--max-retries", type=int, default=6, help="retries per request")
-    p.add_argument("--backoff-base", type=float, default=1.0, help="first backoff delay (s)")
-    p.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff delay (s)")
-    p.add_argument("--timeout", type=float, default=60.0, help="request timeout (s)")
-    p.add_argument("--fit-retries", type=int, default=2,
+    p.add_argument("--temperature", type=float_in(0.0, 2.0), default=None,
+                   help="sampling temperature")
+    p.add_argument("--concurrency", type=positive_int, default=4, help="parallel requests")
+    p.add_argument("--max-retries", type=non_negative_int, default=6, help="retries per request")
+    p.add_argument("--backoff-base", type=non_negative_float, default=1.0,
+                   help="first backoff delay (s)")
+    p.add_argument("--backoff-max", type=non_negative_float, default=60.0,
+                   help="longest backoff delay (s)")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="request timeout (s)")
+    p.add_argument("--fit-retries", type=non_negative_int, default=2,
                    help="regenerations of a summary that exceeds the CLIP token budget")
-    p.add_argument("--clip-budget", type=int, default=154,
+    p.add_argument("--clip-budget", type=positive_int, default=154,
                    help="CLIP tokens available to a caption, BOS/EOS included (default: 154)")
     p.add_argument("--price-table", type=Path, default=None,
                    help='JSON {"model": {"input": USD per 1M tokens, "output": ...}}')
-    p.add_argument("--limit", type=int, default=None, help="only the first N reports (trials)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="only the first N reports (trials)")
     add_logging_arg(p)
     return p
 
@@ -329,8 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (130 when interrupted)."""
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
-    if args.n_summaries < 1:
-        raise SystemExit("--n-summaries must be >= 1")
+    if args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} is a folder; give the JSONL file to write, "
+                         f"e.g. {args.out / 'summaries.jsonl'}")
     try:
         reports = load_reports(args.reports, args.id_column, args.text_column)
     except (ValueError, OSError) as e:
@@ -344,8 +405,13 @@ def main(argv: list[str] | None = None) -> int:
     budget = TokenBudget(args.clip_budget)
     logger.info("%d reports x %d summaries with %s -> %s", len(reports), args.n_summaries,
                 backend.model, args.out)
-    summary = run(reports, backend, budget, args.out, args.n_summaries, args.concurrency,
-                  args.fit_retries)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with output_lock(args.out):
+            summary = run(reports, backend, budget, args.out, args.n_summaries,
+                          args.concurrency, args.fit_retries)
+    except OutputLocked as e:
+        raise SystemExit(f"error: {e}") from e
     code = summary.report()
     return 130 if "interrupted" in summary.extra else code
 
