@@ -6,6 +6,10 @@ Prompts come from --prompt (repeatable) and --prompt-file (one per line). With -
 "<tumor> tumor; <til> til; <summary>". Class-conditional models take --class-label, or derive
 the label from --tumor/--til (0 low/low, 1 low/high TIL, 2 high/low, 3 high/high).
 
+--all-levels renders the four tumor/TIL combinations for one --summary (class models: the four
+classes) as the paper's Figures 3 and 4: one labelled row per combination, the summary on top,
+and the same seed in every row of a column, so columns differ only by the levels.
+
 Writes OUTDIR/<index>.png, OUTDIR/grid.png (one row per prompt) and OUTDIR/metadata.json
 (checkpoint, weights, prompts, seed, steps, scale, eta and the seed of every image). Each image
 has its own seed, so the batch size does not change the result (with --eta 0), and a rerun of
@@ -39,10 +43,12 @@ EXAMPLES = """examples:
   python scripts/sample.py --ckpt model.ckpt --config configs/pathldm.yaml \\
       --prompt-file prompts.txt --n 4 --seed 1 --outdir samples/file
   python scripts/sample.py --ckpt logs/CLASS_RUN --tumor low --til high --n 8 --outdir samples/c1
+  python scripts/sample.py --ckpt logs/RUN --all-levels --n 4 --outdir samples/fig4 \\
+      --summary "invasive ductal carcinoma, grade 2, ..."          # Figures 3 and 4
 """
 # Settings that must match to resume into an existing OUTDIR.
 RESUME_KEYS = ("checkpoint", "weights", "conditioning", "conditions", "steps", "scale", "eta",
-               "seed", "n")
+               "seed", "n", "all_levels")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide summary for the training caption (needs --tumor and --til)")
     c.add_argument("--class-label", type=int, action="append", default=[],
                    help="class-conditional models: label 0-3 (repeatable)")
+    c.add_argument("--all-levels", action="store_true",
+                   help="the four tumor/TIL combinations of one --summary (class models: the "
+                        "four classes) as one labelled grid, the same seeds in every column")
     m = p.add_argument_group("model")
     add_checkpoint_args(m)
     s = p.add_argument_group("sampling")
@@ -102,8 +111,12 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def conditions(args: argparse.Namespace, kind: str) -> list[Any]:
     """One condition per prompt: a caption, a class label, or None for unconditional models."""
     from ldm.data.captions import class_label_from_levels
-    from ldm.evaluation.sampling import class_of
+    from ldm.evaluation.sampling import class_of, tumor_til_conditions
 
+    if args.all_levels:
+        if args.prompt or args.prompt_file or args.tumor or args.til or args.class_label:
+            raise ValueError("--all-levels takes only --summary: it sets the tumor/TIL levels")
+        return [cond for _, cond in tumor_til_conditions(kind, args.summary)]
     if kind == "none":
         return [None]
     if kind == "class":
@@ -127,8 +140,13 @@ def conditions(args: argparse.Namespace, kind: str) -> list[Any]:
     return prompts
 
 
-def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str) -> list[dict[str, Any]]:
-    """File name, condition, levels and seed of every image (index = prompt * n + j)."""
+def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str,
+                shared_columns: bool = False) -> list[dict[str, Any]]:
+    """File name, condition, levels and seed of every image (index = prompt * n + j).
+
+    Image k's seed derives from k, or with ``shared_columns`` from its column j, so every
+    prompt's j-th image starts from the same noise.
+    """
     from ldm.evaluation.sampling import image_seed, levels_from_caption
 
     names = {0: ("low", "low"), 1: ("low", "high"), 2: ("high", "low"), 3: ("high", "high")}
@@ -138,7 +156,8 @@ def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str) -> list[dict
                   else levels_from_caption(cond) if kind == "text" else None)
         for j in range(n):
             k = p * n + j
-            rec = {"file": f"{k:05d}.png", "prompt_index": p, "seed": image_seed(seed, k)}
+            rec = {"file": f"{k:05d}.png", "prompt_index": p,
+                   "seed": image_seed(seed, j if shared_columns else k)}
             rec["class_label" if kind == "class" else "prompt"] = cond
             if levels:
                 rec["tumor"], rec["til"] = levels
@@ -162,8 +181,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from PIL import Image
 
     from ldm.checkpoint import load_model
+    from ldm.evaluation.grids import labelled_grid
     from ldm.evaluation.images import make_grid, save_png, write_json
-    from ldm.evaluation.sampling import conditioning_kind, generate_to_folder, warn_long_prompts
+    from ldm.evaluation.sampling import (
+        conditioning_kind,
+        generate_to_folder,
+        tumor_til_conditions,
+        warn_long_prompts,
+    )
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
@@ -176,11 +201,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     conds = conditions(args, kind)
     if kind == "text":
         warn_long_prompts(model, conds)
-    images = plan_images(conds, args.n, args.seed, kind)
+    images = plan_images(conds, args.n, args.seed, kind, shared_columns=args.all_levels)
     meta = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
             "weights": loaded.weights, "conditioning": kind, "conditions": conds,
             "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
             "n": args.n, "sampler": "DDIM", "grid": "grid.png", "images": images}
+    if args.all_levels:
+        meta.update(all_levels=True, summary=args.summary)
     args.outdir.mkdir(parents=True, exist_ok=True)
     meta_path = args.outdir / "metadata.json"
     _check_resume(meta_path, meta, args.overwrite)
@@ -193,8 +220,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     made = generate_to_folder(model, items, args.batch_size, args.steps, args.scale, args.eta,
                               desc="sampling")
     tiles = [np.asarray(Image.open(args.outdir / r["file"]).convert("RGB")) for r in images]
-    nrow = args.n if args.n <= 8 else math.ceil(math.sqrt(len(tiles)))
-    save_png(make_grid(tiles, nrow=nrow), args.outdir / "grid.png")
+    if args.all_levels:
+        grid = labelled_grid([tiles[i:i + args.n] for i in range(0, len(tiles), args.n)],
+                             [label for label, _ in tumor_til_conditions(kind, args.summary)],
+                             title=args.summary if kind == "text" else None)
+    else:
+        nrow = args.n if args.n <= 8 else math.ceil(math.sqrt(len(tiles)))
+        grid = make_grid(tiles, nrow=nrow)
+    save_png(grid, args.outdir / "grid.png")
     print(f"{made} new images, {len(images)} in {args.outdir} (grid.png, metadata.json)")
     return meta
 

@@ -94,6 +94,44 @@ def test_sample_text_model(run_dir, tmp_path, capsys):
         sample.main([*common[:-4], "--seed", "9", "--outdir", str(tmp_path / "a")])
 
 
+def test_all_levels_grid_of_one_summary(run_dir, tmp_path):
+    """--all-levels: the four combinations as labelled rows, one seed per column (Figure 4)."""
+    from ldm.evaluation.grids import labelled_grid
+    from ldm.evaluation.sampling import image_seed
+
+    summary = "invasive ductal carcinoma, grade 2, margins negative"
+    meta = load_script("sample").main([
+        "--ckpt", str(run_dir), "--all-levels", "--summary", summary, "--n", "2", "--steps",
+        "2", "--seed", "3", "--device", "cpu", "--batch-size", "8", "--outdir",
+        str(tmp_path / "f")])
+    combos = [("low", "low"), ("low", "high"), ("high", "low"), ("high", "high")]
+    assert meta["conditions"] == [f"{t} tumor; {i} til; {summary}" for t, i in combos]
+    assert meta["all_levels"] is True and meta["summary"] == summary
+    recs = meta["images"]
+    assert [(r["tumor"], r["til"]) for r in recs] == [c for c in combos for _ in range(2)]
+    assert [r["seed"] for r in recs] == [image_seed(3, j) for _ in combos for j in range(2)]
+    tiles = pngs(tmp_path / "f")
+    ordered = [tiles[r["file"]] for r in recs]
+    col = [[ordered[2 * r + j].astype(int) for r in range(4)] for j in range(2)]
+    within = max(np.abs(c[r] - c[0]).mean() for c in col for r in range(4))
+    across = min(np.abs(col[0][r] - col[1][r]).mean() for r in range(4))
+    assert within < across  # a column shares its noise; only the levels change down a column
+    grid = np.asarray(Image.open(tmp_path / "f" / "grid.png"))
+    expected = labelled_grid([ordered[k:k + 2] for k in range(0, 8, 2)],
+                             [f"{t} tumor, {i} TIL" for t, i in combos], title=summary)
+    assert np.array_equal(grid, expected)
+    assert grid.shape[0] > 4 * 18 + 2 and grid.shape[1] > 2 * 18 + 2  # title and labels
+    assert np.array_equal(grid[-18:-2, -18:-2], ordered[-1])  # bottom right: high/high, col 2
+    assert (grid[: grid.shape[0] - (4 * 18 + 2)] < 128).any()  # the summary is written on top
+    assert (grid[-(4 * 18 + 2):, : grid.shape[1] - (2 * 18 + 2)] < 128).any()  # row labels
+    with pytest.raises(ValueError, match="only --summary"):
+        load_script("sample").main(["--ckpt", str(run_dir), "--all-levels", "--summary", "s",
+                                    "--tumor", "low", "--til", "low", "--outdir",
+                                    str(tmp_path / "g")])
+    with pytest.raises(ValueError, match="rows for"):
+        labelled_grid([ordered[:2]], ["a", "b"])
+
+
 def test_image_seeds_depend_on_seed_and_index_only():
     from ldm.evaluation.sampling import image_seed, initial_noise
 

@@ -30,6 +30,26 @@ TUMOR_TIL_COMBINATIONS: tuple[tuple[str, str], ...] = tuple(
 # of its slide, i.e. the data's distribution (slides weighted by their patch counts).
 PROMPT_SAMPLINGS = ("uniform", "data")
 
+
+
+def tumor_til_conditions(kind: str, summary: str | None = None) -> list[tuple[str, str | int]]:
+    """``(row label, condition)`` of the four tumor/TIL combinations in class-label order.
+
+    Text models get the training caption of each combination with ``summary``; class models
+    the class label (the summary plays no part).
+    """
+    if kind not in ("text", "class"):
+        raise ValueError(f"the tumor/TIL combinations need a text or class model, not {kind!r}")
+    if kind == "text" and not (summary or "").strip():
+        raise ValueError("a text model needs a slide summary for the tumor/TIL combinations")
+    rows: list[tuple[str, str | int]] = []
+    for tumor, til in TUMOR_TIL_COMBINATIONS:
+        label = f"{tumor} tumor, {til} TIL"
+        rows.append((label, caption_from_levels(tumor, til, summary) if kind == "text"
+                     else class_label_from_levels(tumor, til)))
+    return rows
+
+
 _LEVELS_RE = re.compile(r"^\s*(low|high) tumor;\s*(low|high) til;", re.IGNORECASE)
 
 
