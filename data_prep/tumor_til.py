@@ -77,10 +77,6 @@ logger = logging.getLogger(__name__)
 
 STANDIN_SOURCE = ("stain-standin (NOT a classifier): within-slide rank of {what}; for demos "
                   "only")
-# Ruifrok & Johnston stain vectors (rows: hematoxylin, eosin, DAB); columns of the inverse
-# give each stain's optical density from RGB optical density.
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 
 
 class SlideFailure(RuntimeError):
@@ -268,12 +264,6 @@ def classify_tiles(model, spec: ClassifierSpec, tiles: list[np.ndarray], tile_mp
 
 
 # -------------------------------------------------------------------------- stain stand-in
-def hematoxylin_od(tile: np.ndarray) -> np.ndarray:
-    """Hematoxylin optical density per pixel (colour deconvolution, Ruifrok & Johnston)."""
-    od = -np.log(np.maximum(tile.astype(np.float64), 1.0) / 255.0)
-    return od @ _HED_FROM_RGB[:, 0]
-
-
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks scaled into (0, 1), ties sharing their average rank."""
     from scipy.stats import rankdata
@@ -282,14 +272,15 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 
 def stain_standin(tiles: Iterable[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Demo stand-in ``(tumor, til)``: within-slide ranks of hematoxylin statistics."""
-    mean_h, contrast_h = [], []
-    for tile in tiles:
-        h = hematoxylin_od(tile)
-        p50, p99 = np.percentile(h, [50, 99])
-        mean_h.append(h.mean())
-        contrast_h.append(p99 - p50)  # small dark nuclei on a lighter background
-    return _ranks(np.array(mean_h)), _ranks(np.array(contrast_h))
+    """Demo stand-in ``(tumor, til)``: within-slide ranks of hematoxylin statistics.
+
+    The statistics (:func:`ldm.data.stain.hematoxylin_stats`) are the ones the demo's caption
+    adherence check measures on generated patches.
+    """
+    from ldm.data.stain import hematoxylin_stats
+
+    stats = np.array([hematoxylin_stats(tile) for tile in tiles]).reshape(-1, 2)
+    return _ranks(stats[:, 0]), _ranks(stats[:, 1])
 
 
 # ------------------------------------------------------------------------------ the command

@@ -335,3 +335,23 @@ def make_grid(images: Sequence[np.ndarray], nrow: int, pad: int = 2) -> np.ndarr
         grid[pad + r * (h + pad): pad + r * (h + pad) + h,
              pad + c * (w + pad): pad + c * (w + pad) + w] = img
     return grid
+
+
+def make_labelled_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], pad: int = 2,
+                       label_width: int = 112) -> np.ndarray:
+    """One row of images per ``(label, images)`` with the label written on a white margin."""
+    from PIL import ImageDraw
+
+    if not rows or not all(images for _, images in rows):
+        raise ValueError("every row of a labelled grid needs a label and at least one image")
+    ncol = max(len(images) for _, images in rows)
+    blank = np.full_like(rows[0][1][0], 255)
+    body = make_grid([img for _, images in rows
+                      for img in list(images) + [blank] * (ncol - len(images))], ncol, pad)
+    canvas = Image.new("RGB", (label_width + body.shape[1], body.shape[0]), "white")
+    canvas.paste(Image.fromarray(body), (label_width, 0))
+    draw = ImageDraw.Draw(canvas)
+    h = rows[0][1][0].shape[0]
+    for r, (label, _) in enumerate(rows):
+        draw.text((4, pad + r * (h + pad) + h // 2 - 6), label, fill=(0, 0, 0))
+    return np.asarray(canvas)

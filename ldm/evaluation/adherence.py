@@ -1,0 +1,163 @@
+"""Caption adherence: do the tumor/TIL levels of captions move what a model generates?
+
+Measured with the stand-in statistics of :mod:`ldm.data.stain` (the statistics the demo's
+stand-in labels rank): the tumor level should move the mean hematoxylin optical density, the TIL
+level the hematoxylin contrast. The real gap (high minus low level) comes from the training
+store's patches, the generated gap from a ``scripts/sample.py`` folder whose captions carry
+the levels; their ratio says how much of the real difference the captions reproduce.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldm.data.captions import level_name, prob_to_level
+from ldm.data.stain import hematoxylin_stats
+
+logger = logging.getLogger(__name__)
+
+LEVELS = ("low", "high")
+# target -> (statistic, column of hematoxylin_stats)
+TARGETS = {"tumor": ("hematoxylin_od_mean", 0), "til": ("hematoxylin_od_contrast", 1)}
+COMBINATIONS = tuple((tumor, til) for tumor in LEVELS for til in LEVELS)
+
+
+def center_crop(image: np.ndarray, size: int | None) -> np.ndarray:
+    """The centred ``size`` x ``size`` crop (the image itself when it is not larger)."""
+    h, w = image.shape[:2]
+    if size is None or (h <= size and w <= size):
+        return image
+    y, x = max((h - size) // 2, 0), max((w - size) // 2, 0)
+    return image[y: y + size, x: x + size]
+
+
+def level_means(stats: np.ndarray, levels: dict[str, Sequence[str]]) -> dict[str, dict]:
+    """Mean statistic per level of each target: ``{target: {"low": m, "high": m, "n": {...}}}``.
+
+    ``stats`` is ``(N, 2)`` (``hematoxylin_stats`` of N images); ``levels[target]`` the N level
+    names.
+    """
+    out = {}
+    for target, (name, col) in TARGETS.items():
+        lv = np.asarray(levels[target])
+        means, counts = {}, {}
+        for level in LEVELS:
+            sel = lv == level
+            counts[level] = int(sel.sum())
+            means[level] = float(stats[sel, col].mean()) if sel.any() else float("nan")
+        out[target] = {"statistic": name, **means, "n": counts}
+    return out
+
+
+def store_level_stats(store: str | Path, crop: int | None = None) -> dict[str, dict]:
+    """Per-level statistics of a training store's patches (centre crops of ``crop`` pixels)."""
+    from ldm.evaluation.images import SplitStore
+
+    images = SplitStore(store)
+    probs = {"tumor": images.array("tumor_prob"), "til": images.array("til_prob")}
+    known = ~(np.isnan(probs["tumor"]) | np.isnan(probs["til"]))
+    stats = np.array([hematoxylin_stats(center_crop(np.asarray(images.image(i)), crop))
+                      for i in np.flatnonzero(known)]).reshape(-1, 2)
+    images.close()
+    levels = {t: [level_name(prob_to_level(p)) for p in probs[t][known]] for t in TARGETS}
+    return level_means(stats, levels)
+
+
+def read_sample_folder(folder: str | Path) -> list[dict[str, Any]]:
+    """The images of a ``scripts/sample.py`` folder that carry levels, with their pixels."""
+    from PIL import Image
+
+    folder = Path(folder)
+    meta_path = folder / "metadata.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path}: no metadata.json (not a scripts/sample.py "
+                                "output folder)")
+    records = [r for r in json.loads(meta_path.read_text())["images"] if "tumor" in r]
+    if not records:
+        raise ValueError(f"{meta_path}: no image has tumor/TIL levels (captions must start "
+                         "with '<level> tumor; <level> til;')")
+    for r in records:
+        with Image.open(folder / r["file"]) as im:
+            r["pixels"] = np.asarray(im.convert("RGB"))
+    return records
+
+
+def sample_level_stats(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
+    """Per-level statistics of generated images (records of :func:`read_sample_folder`)."""
+    records = list(records)
+    stats = np.array([hematoxylin_stats(r["pixels"]) for r in records]).reshape(-1, 2)
+    return level_means(stats, {t: [r[t] for r in records] for t in TARGETS})
+
+
+def compare(real: dict[str, dict], generated: dict[str, dict],
+            min_ratio: float = 0.5) -> dict[str, Any]:
+    """Gaps (high minus low), their ratio, and pass/fail of the adherence criteria.
+
+    Tumor passes when the generated gap is at least ``min_ratio`` of the real one; TIL when its
+    generated gap has the sign of the real one (moves its statistic the right way).
+    """
+    report: dict[str, Any] = {"min_ratio": min_ratio}
+    for target in TARGETS:
+        r, g = real[target], generated[target]
+        real_gap, gen_gap = r["high"] - r["low"], g["high"] - g["low"]
+        ratio = gen_gap / real_gap if real_gap else float("nan")
+        report[target] = {"statistic": r["statistic"], "real": r, "generated": g,
+                          "real_gap": real_gap, "generated_gap": gen_gap, "ratio": ratio,
+                          "right_direction": bool(np.sign(gen_gap) == np.sign(real_gap) != 0)}
+    report["tumor"]["passed"] = bool(report["tumor"]["ratio"] >= min_ratio)
+    report["til"]["passed"] = report["til"]["right_direction"]
+    report["passed"] = report["tumor"]["passed"] and report["til"]["passed"]
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable lines of a :func:`compare` report."""
+    lines = ["caption adherence (high minus low level; stand-in statistics of ldm.data.stain)"]
+    for target in TARGETS:
+        t = report[target]
+        lines.append(f"  {target:<5} {t['statistic']}: real low {t['real']['low']:.4f} high "
+                     f"{t['real']['high']:.4f} gap {t['real_gap']:+.4f} | generated low "
+                     f"{t['generated']['low']:.4f} high {t['generated']['high']:.4f} gap "
+                     f"{t['generated_gap']:+.4f} | ratio {t['ratio']:.2f} "
+                     f"({'pass' if t['passed'] else 'FAIL'})")
+    lines.append(f"  criteria: tumor ratio >= {report['min_ratio']}, TIL in the right "
+                 f"direction -> {'PASS' if report['passed'] else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def check_adherence(store: str | Path, samples: str | Path, out_json: str | Path | None = None,
+                    min_ratio: float = 0.5) -> dict[str, Any]:
+    """Compare a sample folder with the store it was trained on; optionally write the JSON."""
+    from ldm.evaluation.images import write_json
+
+    records = read_sample_folder(samples)
+    size = records[0]["pixels"].shape[0]
+    report = compare(store_level_stats(store, crop=size), sample_level_stats(records), min_ratio)
+    report.update(store=str(store), samples=str(samples), image_size=size,
+                  n_generated=len(records))
+    if out_json is not None:
+        write_json(report, out_json)
+    return report
+
+
+def save_level_grid(samples: str | Path, path: str | Path | None = None,
+                    max_per_row: int = 12) -> Path:
+    """A labelled grid with one row per tumor/TIL combination of a sample folder.
+
+    Written to ``path`` (default ``grid_levels.png`` next to the folder's ``grid.png``).
+    """
+    from ldm.evaluation.images import make_labelled_grid, save_png
+
+    records = read_sample_folder(samples)
+    rows = [(f"{tumor} tumor, {til} TIL",
+             [r["pixels"] for r in records if (r["tumor"], r["til"]) == (tumor, til)])
+            for tumor, til in COMBINATIONS]
+    path = Path(samples) / "grid_levels.png" if path is None else Path(path)
+    save_png(make_labelled_grid([(label, images[:max_per_row]) for label, images in rows
+                                 if images]), path)
+    return path
