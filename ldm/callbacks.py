@@ -76,23 +76,57 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's saves every ``every_n_train_steps`` only; a run that reaches ``max_steps`` in
     between is saved right after its last batch (a state Lightning resumes exactly), and a run
-    ending otherwise (``max_epochs``) refreshes ``last.ckpt`` when training ends.
+    ending otherwise (``max_epochs``) refreshes ``last.ckpt`` when training ends. Only public
+    Lightning API: whether a checkpoint was written at a step is seen through
+    ``on_save_checkpoint``, files are written with ``Trainer.save_checkpoint`` under the names
+    ``format_checkpoint_name`` gives. The final step's own file is kept only without a
+    ``monitor`` (with one, ranking it would be Lightning's top-k bookkeeping); ``last.ckpt``
+    always is.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._step_saved: int | None = None  # global step of the newest checkpoint written
+        self._start_step = 0
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        self._step_saved = trainer.global_step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        final = 0 < trainer.max_steps <= trainer.global_step
-        if final and not self._should_skip_saving_checkpoint(trainer):
-            candidates = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, candidates)
-            self._save_last_checkpoint(trainer, candidates)
+        if 0 < trainer.max_steps <= trainer.global_step and self._unsaved(trainer):
+            if self.monitor is None and self.save_top_k != 0:
+                self._write(trainer, None)
+            if self.save_last:
+                self._write(trainer, self.CHECKPOINT_NAME_LAST)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        if (self.save_last and trainer.global_step > 0
-                and self._last_global_step_saved != trainer.global_step):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # replaces ModelCheckpoint's, which tells "saved" apart by a private attribute
+        if self.save_last and self._unsaved(trainer) and trainer.global_step > self._start_step:
+            self._write(trainer, self.CHECKPOINT_NAME_LAST)
+
+    def _unsaved(self, trainer: pl.Trainer) -> bool:
+        """True during fitting (not a sanity check or fast_dev_run) with this step not saved."""
+        return (trainer.state.fn == "fit" and not trainer.sanity_checking
+                and not trainer.fast_dev_run and self._step_saved != trainer.global_step)
+
+    def _write(self, trainer: pl.Trainer, filename: str | None) -> None:
+        """Save the current state under ``filename`` (``None``: the step's own name)."""
+        metrics = {**trainer.callback_metrics, "epoch": torch.tensor(trainer.current_epoch),
+                   "step": torch.tensor(trainer.global_step)}
+        path = self.format_checkpoint_name(metrics, filename=filename)
+        if filename == self.CHECKPOINT_NAME_LAST:
+            self.last_model_path = path  # before saving: it is part of the saved state
+        trainer.save_checkpoint(path, weights_only=self.save_weights_only)
+        if self.verbose and trainer.is_global_zero:
+            logger.info("step %d: saved %s", trainer.global_step, path)
 
 
 def _seed_all(seed: int) -> None:

@@ -323,6 +323,7 @@ class TCGAPatchData(pl.LightningDataModule):
         self.configs = {"train": train, "validation": validation, "test": test}
         self.datasets: dict[str, Dataset] = {}
         self._resume: tuple[int, int] | None = None
+        self._position = [0, 0]  # [epoch, its training batches so far]: on_before_batch_transfer
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets (cheap: metadata only; images are read lazily)."""
@@ -358,12 +359,23 @@ class TCGAPatchData(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches of the current epoch (Lightning calls this once a batch)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if self._position[0] != trainer.current_epoch:
+                self._position = [int(trainer.current_epoch), 0]
+            self._position[1] += 1
+        return batch
+
     def state_dict(self) -> dict[str, int]:
         """Position in the training data (epoch, batches of it done), saved in checkpoints."""
         trainer = self.trainer
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        epoch, batches = int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_idx) + 1
+        epoch, batches = int(trainer.current_epoch), 0
+        if self._position[0] == epoch:
+            batches = self._position[1]
         if batches >= trainer.num_training_batches:  # saved at the end of an epoch
             epoch, batches = epoch + 1, 0
         return {"epoch": epoch, "batches": batches}
@@ -372,6 +384,7 @@ class TCGAPatchData(pl.LightningDataModule):
         """Continue the training data where a checkpoint left it (the next train loader)."""
         if state_dict:
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
+            self._position = list(self._resume)
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader("validation", shuffle=False)
