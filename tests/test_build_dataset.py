@@ -335,3 +335,19 @@ def test_inconsistent_split_files_and_duplicate_stores_refused(tmp_path):
     with pytest.raises(SystemExit, match="renamed-copy.h5 .* same content"):
         main(args)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"x,y\n1,2\n", r"split.csv: missing column\(s\) \['slide_id', 'split'\]"),
+    (b"slide_id,split\n\xe9,train\n", "split.csv: not UTF-8 text"),
+    (b"slide_id,split\nTCGA-A1-0001-01Z-00-DX1.aa,validation\n",
+     r"split.csv: unknown split name\(s\) \['validation'\]"),
+])
+def test_unreadable_split_files_are_named(tmp_path, content, match):
+    tiles, summaries = _make_inputs(tmp_path)
+    split = tmp_path / "split.csv"
+    split.write_bytes(content)
+    with pytest.raises(SystemExit, match=match):
+        main(["--tiles", str(tiles), "--summaries", str(summaries), "--out",
+              str(tmp_path / "ds"), "--split-file", str(split)])
+    assert not (tmp_path / "ds").exists()
