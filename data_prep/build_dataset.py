@@ -341,7 +341,8 @@ def build(tiles_dir: Path, summaries_path: Path | None, out_dir: Path, cfg: Buil
                for split in SPLITS}
     out_dir.mkdir(parents=True, exist_ok=True)
     with output_lock(out_dir):
-        remove_stale_tmp(out_dir)
+        remove_stale_tmp(out_dir / n for n in ("train.h5", "test.h5", "splits.csv",
+                                                  "dataset_card.json", "dataset_card.md"))
         if not overwrite:
             _refuse_emptying(out_dir, members)
         card = _write_outputs(out_dir, slides, included, members, assignment, cfg, overwrite,

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -247,54 +247,69 @@ def _holder_pid(fd: int) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _acquire(path: Path, target: str | Path, mode: int) -> int:
+    """An fd of ``path`` holding ``flock`` ``mode``; :class:`OutputLocked` when it is held."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _holder_pid(fd)
+            os.close(fd)
+            who = f"pid {pid}" if pid and _pid_alive(pid) else "a sharded run"
+            raise OutputLocked(f"{target} is in use by another run ({who}, lock file {path}); "
+                               "wait for it to finish or use another output") from None
+        # the previous holder may have removed the file between our open and flock: retry then
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def output_lock(target: str | Path, tag: str = "") -> Iterator[Path]:
     """Hold an exclusive lock on ``target`` (a folder or file) for the duration of a run.
 
     The lock is an ``flock`` on a lock file holding the holder's pid: the kernel drops it when
     the holder dies (even by SIGKILL), so a stale lock file of a dead pid is simply taken over.
+    With a ``tag`` (a shard), the output's own lock is held shared and the tagged one
+    exclusively: shards run side by side, and a run of the whole output excludes them all.
     Raises :class:`OutputLocked` with a one-line message when a live run holds it.
     """
-    path = lock_path_for(Path(target), tag)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = _holder_pid(fd)
-            os.close(fd)
-            raise OutputLocked(f"{target} is in use by another run (pid {pid or '?'}, lock file "
-                               f"{path}); wait for it to finish or use another output") from None
-        # the previous holder may have removed the file between our open and flock: retry then
-        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            break
-        os.close(fd)
-    stale = _holder_pid(fd)
-    if stale is not None and stale != os.getpid():
-        logger.info("%s: taking over the lock of pid %d, which %s", target, stale,
-                    "is still alive but no longer holds it" if _pid_alive(stale)
-                    else "is no longer running")
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    held: list[tuple[int, Path | None]] = []
     try:
+        if tag:
+            held.append((_acquire(lock_path_for(Path(target)), target, fcntl.LOCK_SH), None))
+        path = lock_path_for(Path(target), tag)
+        fd = _acquire(path, target, fcntl.LOCK_EX)
+        held.append((fd, path))
+        stale = _holder_pid(fd)
+        if stale is not None and stale != os.getpid():
+            logger.info("%s: taking over the lock of pid %d, which %s", target, stale,
+                        "is still alive but no longer holds it" if _pid_alive(stale)
+                        else "is no longer running")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()}\n".encode())
         yield path
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        os.close(fd)  # closing drops the flock
+        for fd, owned in reversed(held):
+            if owned is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(owned)
+            os.close(fd)  # closing drops the flock
 
 
-def remove_stale_tmp(folder: Path, pattern: str = "*.tmp") -> list[str]:
-    """Delete temporary files a killed run left in ``folder`` (call while holding its lock)."""
+def remove_stale_tmp(targets: Iterable[Path]) -> list[str]:
+    """Delete the temporary files a killed run left for ``targets`` (hold their lock)."""
     removed = []
-    for p in sorted(folder.glob(pattern)):
-        if p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
+    for target in targets:
+        tmp = tmp_path_for(Path(target))
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
     if removed:
-        logger.info("removed %d leftover temporary file(s) of a killed run in %s: %s",
-                    len(removed), folder, removed[:5])
+        logger.info("removed %d leftover temporary file(s) of a killed run: %s", len(removed),
+                    removed[:5])
     return removed
 
 

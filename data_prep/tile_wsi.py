@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = "" if args.shard is None else "-shard-{}-of-{}".format(*parse_shard(args.shard))
     try:
         with output_lock(args.out, tag):
-            remove_stale_tmp(args.out)
+            remove_stale_tmp(args.out / f"{slide_id_of(p)}.h5" for p in paths)
             conflicts = [] if args.overwrite else settings_conflicts(paths, args.out, cfg)
             if conflicts:
                 raise SystemExit(

@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = "" if args.shard is None else "-shard-{}-of-{}".format(*shard)
     try:
         with output_lock(args.tiles, tag):
-            remove_stale_tmp(args.tiles)
+            remove_stale_tmp(stores)
             broken = [p for p in stores if not is_complete_tile_store(p)]
             summary = run([p for p in stores if p not in broken], sources, args.device,
                           args.overwrite)

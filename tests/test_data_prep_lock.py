@@ -58,3 +58,18 @@ def test_lock_of_a_file_output(tmp_path):
             with output_lock(target):
                 pass
     assert not lock.exists()
+
+
+def test_shards_run_side_by_side_but_not_with_a_whole_run(tmp_path):
+    with output_lock(tmp_path, "-shard-0-of-2"), output_lock(tmp_path, "-shard-1-of-2"):
+        with pytest.raises(OutputLocked, match=r"in use by another run \(a sharded run"):
+            with output_lock(tmp_path):
+                pass
+        with pytest.raises(OutputLocked, match="shard-0-of-2"):
+            with output_lock(tmp_path, "-shard-0-of-2"):
+                pass
+    with output_lock(tmp_path):
+        with pytest.raises(OutputLocked, match=rf"pid {os.getpid()}"):
+            with output_lock(tmp_path, "-shard-0-of-2"):
+                pass
+    assert not list(tmp_path.glob(".lock-shard*"))

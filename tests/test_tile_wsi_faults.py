@@ -141,7 +141,7 @@ def test_two_runs_at_once_on_one_output(tmp_path, slides):
     assert "\n" not in str(err.value)
     assert _stores(out) == TILES
     # sharded runs lock their own shard, so they may run side by side
-    with output_lock(out):  # an unsharded run holds the folder; shard 0 of 2 goes on
+    with output_lock(out, "-shard-1-of-2"):  # shard 1 of 2 is running; shard 0 goes on
         assert main([*map(str, slides), "--out", str(out), "--tile-size", "64",
                      "--tissue-filter", "otsu", "--min-tissue", "0", "--shard", "0/2"]) == 0
 
