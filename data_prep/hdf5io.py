@@ -114,3 +114,39 @@ def update_store_atomic(path: str | Path, datasets: Mapping[str, np.ndarray],
                 f.create_dataset(name, data=data)
             for k, v in attrs.items():
                 f.attrs[k] = v
+
+
+def write_split_store(path: str | Path, images: Sequence[np.ndarray], slide_index: np.ndarray,
+                      tumor_prob: np.ndarray, til_prob: np.ndarray, slides: Sequence[str],
+                      summaries: Sequence[Sequence[str]], attrs: Mapping[str, Any],
+                      coords: np.ndarray | None = None,
+                      extra: Mapping[str, np.ndarray] | None = None) -> None:
+    """Write a split store (docs/data_format.md §3) in one go, atomically.
+
+    ``images`` are encoded rows (``encode_jpeg``); ``coords`` default to -1 (no source slide
+    position); ``extra`` adds per-row datasets (string arrays are stored as utf-8).
+    """
+    n = len(images)
+    k = max([1, *(len(s) for s in summaries)])
+    table = np.array([[*s, *[""] * (k - len(s))] for s in summaries], dtype=object).reshape(-1, k)
+    coords = np.full((n, 2), -1, dtype=np.int64) if coords is None else coords
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("images", shape=(n,), dtype=VLEN_UINT8)
+        for i, row in enumerate(images):
+            ds[i] = row
+        f.create_dataset("slide_index", data=np.asarray(slide_index, dtype=np.int32).reshape(n))
+        f.create_dataset("coords", data=np.asarray(coords, dtype=np.int64).reshape(n, 2))
+        f.create_dataset("tumor_prob", data=np.asarray(tumor_prob, dtype=np.float32).reshape(n))
+        f.create_dataset("til_prob", data=np.asarray(til_prob, dtype=np.float32).reshape(n))
+        f.create_dataset("slides", data=np.array(list(slides), dtype=object), dtype=STR_DTYPE)
+        f.create_dataset("summaries", data=table, dtype=STR_DTYPE)
+        f.create_dataset("n_summaries", data=np.array([len(s) for s in summaries], np.int32))
+        for name, values in (extra or {}).items():
+            values = np.asarray(values)
+            if values.dtype.kind in "OUS":
+                f.create_dataset(name, data=values.astype(object), dtype=STR_DTYPE)
+            else:
+                f.create_dataset(name, data=values)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["format_version"] = DATASET_STORE_VERSION

@@ -6,7 +6,9 @@ patches and is evaluated on real held-out patches (--real-test; labels from tumo
 threshold 0.5). Training data per mode:
   real            real training patches (--real-train)
   synthetic       generated patches (--synthetic), labelled with the tumor level they were
-                  generated with (samples.jsonl of fid.py generate, metadata.json of sample.py)
+                  generated with: a PNG folder (samples.jsonl of fid.py generate, metadata.json
+                  of sample.py) or a generated store (fid.py generate --format store: HDF5
+                  parts streamed from disk, for the paper's 3 million patches)
   real+synthetic  both
 Defaults follow the paper: 40 epochs, batch 256, Adam lr 1e-3, x0.1 at epochs 20 and 30.
 """
@@ -28,11 +30,18 @@ logger = logging.getLogger("cas")
 
 MODES = ("real", "synthetic", "real+synthetic")
 DATA_TYPE = {"real": "Real", "synthetic": "Only Synthetic", "real+synthetic": "Real + Synthetic"}
-EXAMPLES = """example (Table 5):
-  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga_brca/train.h5 --n 100000 \\
-      --outdir cas/pathldm
+EXAMPLES = """examples (Table 5):
+  # small: 10k PNGs (the FID samples)
+  python scripts/fid.py generate --ckpt logs/RUN --store data/tcga_brca/train.h5 --n 10000 \\
+      --outdir gen/train
   python scripts/cas.py --real-train data/tcga_brca/train.h5 --real-test data/tcga_brca/test.h5 \\
-      --synthetic cas/pathldm --synthetic-name PathLDM --out cas.json
+      --synthetic gen/train --synthetic-name PathLDM --out cas_small.json
+  # the paper's scale: 3 million patches, one generation shard per GPU, HDF5 parts
+  for i in 0 1 2; do CUDA_VISIBLE_DEVICES=$i python scripts/fid.py generate --ckpt logs/RUN \\
+      --store data/tcga_brca/train.h5 --n 3000000 --format store --shard $i/3 \\
+      --batch-size 64 --outdir cas/pathldm & done; wait
+  python scripts/cas.py --real-train data/tcga_brca/train.h5 --real-test data/tcga_brca/test.h5 \\
+      --synthetic cas/pathldm --synthetic-name PathLDM --num-workers 8 --out cas.json
 """
 
 
@@ -96,7 +105,7 @@ def run_mode(mode: str, args: argparse.Namespace, test_set: Any, weights: Path |
         labelled_dataset,
         real_labels,
         resnet34,
-        synthetic_labels,
+        synthetic_datasets,
         train_classifier,
     )
 
@@ -105,8 +114,9 @@ def run_mode(mode: str, args: argparse.Namespace, test_set: Any, weights: Path |
     if "real" in mode:
         real = SplitStore(args.real_train)
         rows, y = real_labels(real, max_n=args.max_real_train, seed=args.seed)
-    synthetic = [synthetic_labels(f) for f in args.synthetic] if "synthetic" in mode else []
-    train_set = labelled_dataset(real, rows, y, synthetic, transform)
+    synthetic = ([d for f in args.synthetic for d in synthetic_datasets(f, transform)]
+                 if "synthetic" in mode else [])
+    train_set = labelled_dataset(real, rows, y, [], transform, extra=synthetic)
     logger.info("%s: %d training patches", mode, len(train_set))
     import torch
 

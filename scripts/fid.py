@@ -8,7 +8,8 @@ Subcommands:
              --prompt-sampling uniform (default, the paper's protocol) draws the tumor/TIL
              combination uniformly and a summary of a uniformly drawn slide; data takes a real
              patch's levels and one summary of its slide. Resumable (existing PNGs are kept)
-             and shardable (--shard i/n).
+             and shardable (--shard i/n). --format store writes HDF5 parts in the split-store
+             layout instead of PNGs (paper-scale CAS sets: millions of patches).
   score      FID and KID of generated folders against reference statistics or images.
   sweep      generate + score for several guidance scales (--scales) with prompts from the
              train and the held-out test split, reported side by side.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from ldm.argtypes import int_in, positive_int  # noqa: E402
 from ldm.evaluation.cli import (  # noqa: E402
     add_checkpoint_args,
     configure_logging,
@@ -127,7 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the store's 'split' attribute)")
     p.add_argument("--scale", type=float, default=1.75, help="classifier-free guidance scale")
     p.add_argument("--outdir", required=True, type=Path, help="folder for PNGs and metadata")
-    p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i")
+    p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i "
+                   "(with --format store: the parts with part %% n == i)")
+    p.add_argument("--format", choices=("png", "store"), default="png",
+                   help="png: one PNG per sample and samples.jsonl (FID); store: HDF5 parts "
+                        "OUTDIR/part-NNNNNN.h5 in the split-store layout, each written "
+                        "atomically, the levels in tumor_prob/til_prob as 0 (low) or 1 (high) "
+                        "(CAS at the paper's scale: scripts/cas.py --synthetic OUTDIR)")
+    p.add_argument("--part-size", type=positive_int, default=10_000,
+                   help="--format store: samples per part file (the unit of resuming)")
+    p.add_argument("--jpeg-quality", type=int_in(1, 95), default=95,
+                   help="--format store: JPEG quality of the stored samples")
 
     p = sub.add_parser("score", **kw, help="FID/KID of generated folders")
     p.add_argument("--ref", required=True, type=Path,
@@ -216,7 +229,11 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
                 "store": str(args.store.resolve()), "split": split, "conditioning": kind,
                 "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
                 "prompt_sampling": args.prompt_sampling, "n": args.n}
+    if args.format == "store":
+        settings.update(format="store", part_size=args.part_size, jpeg_quality=args.jpeg_quality)
     _check_settings(args.outdir / "generation.json", settings)
+    if args.format == "store":
+        return _generate_parts(args, model, kind, store, settings, shard, n_shards)
     plan = caption_plan(store, args.n, seed=args.seed, sampling=args.prompt_sampling)
     for rec in plan:
         rec["file"] = f"{rec['index']:06d}.png"
@@ -231,6 +248,72 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
     logger.info("%s: %d new images (shard %d/%d holds %d)", args.outdir, made, shard, n_shards,
                 len(items))
     return {"outdir": str(args.outdir), "generated": made, "shard_size": len(items)}
+
+
+def part_path(outdir: Path, part: int) -> Path:
+    """File of part ``part`` of a generated store (samples ``part * part_size`` onwards)."""
+    return outdir / f"part-{part:06d}.h5"
+
+
+def _generate_parts(args: argparse.Namespace, model: Any, kind: str, store: SplitStore,
+                    settings: dict[str, Any], shard: int, n_shards: int) -> dict[str, Any]:
+    """Generate this shard's missing parts of a generated store; each part is one HDF5 file."""
+    from tqdm import tqdm
+
+    from ldm.evaluation.sampling import make_sampler
+
+    size = args.part_size
+    mine = [b for b in range(math.ceil(args.n / size)) if b % n_shards == shard]
+    todo = [b for b in mine if not part_path(args.outdir, b).is_file()]
+    logger.info("%s: shard %d/%d holds %d parts of %d samples, %d to generate", args.outdir,
+                shard, n_shards, len(mine), size, len(todo))
+    count = sum(min(size, args.n - b * size) for b in todo)
+    sampler = make_sampler(model) if todo else None
+    with tqdm(total=count, desc=f"{settings['split']} shard {shard}/{n_shards}",
+              unit="img") as bar:
+        for b in todo:
+            _write_part(args, model, sampler, kind, store, settings, b, bar)
+    return {"outdir": str(args.outdir), "generated": count,
+            "shard_size": sum(min(size, args.n - b * size) for b in mine)}
+
+
+def _write_part(args: argparse.Namespace, model: Any, sampler: Any, kind: str,
+                store: SplitStore, settings: dict[str, Any], part: int, bar: Any) -> None:
+    """Sample part ``part`` batch by batch and write it as one split store."""
+    import numpy as np
+
+    from data_prep.hdf5io import encode_jpeg, write_split_store
+    from ldm.evaluation.sampling import caption_plan, sample_batch, warn_long_prompts
+
+    start = part * args.part_size
+    plan = caption_plan(store, min(args.part_size, args.n - start), seed=args.seed,
+                        sampling=args.prompt_sampling, start=start)
+    conds = [r["caption"] if kind == "text" else r["class_label"] for r in plan]
+    if kind == "text":
+        warn_long_prompts(model, conds)
+    images: list[np.ndarray] = []
+    tile_size = 0
+    for i in range(0, len(plan), args.batch_size):
+        batch = plan[i:i + args.batch_size]
+        out = sample_batch(model, sampler, conds[i:i + args.batch_size],
+                           [r["seed"] for r in batch], steps=args.steps, scale=args.scale,
+                           eta=args.eta)
+        images += [encode_jpeg(img, quality=args.jpeg_quality) for img in out]
+        tile_size = int(out.shape[1])
+        bar.update(len(batch))
+    level = {"low": 0.0, "high": 1.0}
+    write_split_store(
+        part_path(args.outdir, part), images, [r["slide_index"] for r in plan],
+        [level[r["tumor"]] for r in plan], [level[r["til"]] for r in plan],
+        [str(x) for x in store.array("slides")], store.slide_summaries(),
+        attrs={"split": "generated", "generated_from": settings["split"], "part": part,
+               "tile_size": tile_size,
+               "generation": json.dumps(settings)},
+        extra={"sample_index": np.array([r["index"] for r in plan], dtype=np.int64),
+               "seed": np.array([r["seed"] for r in plan], dtype=np.int64),
+               "class_label": np.array([r["class_label"] for r in plan], dtype=np.int32),
+               "summary_index": np.array([r["summary_index"] for r in plan], dtype=np.int32),
+               "caption": np.array([r["caption"] for r in plan], dtype=object)})
 
 
 def _reference(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:

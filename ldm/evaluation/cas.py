@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
 from ldm.data.captions import prob_to_level
-from ldm.evaluation.images import ImageDataset, PilTransform, SplitStore
+from ldm.evaluation.images import ImageDataset, PilTransform, SplitStore, is_store
 from ldm.evaluation.sampling import levels_from_caption
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,41 @@ def synthetic_labels(folder: str | Path, key: str = "tumor") -> tuple[list[Path]
     return files, labels
 
 
+def synthetic_stores(path: str | Path) -> list[SplitStore] | None:
+    """Generated split stores at ``path`` (``fid.py generate --format store``): one ``.h5``
+    file, or the ``part-*.h5`` files of a folder; None when ``path`` holds neither."""
+    path = Path(path)
+    if is_store(path):
+        return [SplitStore(path)]
+    parts = sorted(path.glob("part-*.h5")) if path.is_dir() else []
+    if not parts:
+        return None
+    meta = path / "generation.json"
+    if meta.is_file():
+        settings = json.loads(meta.read_text())
+        expected = math.ceil(int(settings.get("n", 0)) / int(settings.get("part_size", 1)))
+        if len(parts) < expected:
+            logger.warning("%s: %d of %d parts present (generation incomplete?)", path,
+                           len(parts), expected)
+    return [SplitStore(p) for p in parts]
+
+
+def synthetic_datasets(path: str | Path, transform: PilTransform | None) -> list[Dataset]:
+    """Labelled datasets of generated patches: store parts read lazily row by row (the paper's
+    millions of patches stream from disk), or a folder of PNGs with its records."""
+    stores = synthetic_stores(path)
+    if stores is None:
+        files, labels = synthetic_labels(path)
+        return [ImageDataset(files, labels=labels, transform=transform)]
+    datasets: list[Dataset] = []
+    for store in stores:  # the generated level is stored as probability 0 (low) or 1 (high)
+        rows, y = real_labels(store)
+        datasets.append(ImageDataset(store, indices=rows, labels=y, transform=transform))
+    logger.info("%s: %d generated patches in %d store parts", path,
+                sum(len(d) for d in datasets), len(stores))
+    return datasets
+
+
 def real_labels(store: SplitStore, key: str = "tumor", max_n: int | None = None,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Rows of a split store with a known ``<key>_prob`` and their level (``prob_to_level``)."""
@@ -77,13 +112,14 @@ def real_labels(store: SplitStore, key: str = "tumor", max_n: int | None = None,
 
 def labelled_dataset(real: SplitStore | None, real_rows: np.ndarray | None,
                      real_y: np.ndarray | None, synthetic: Sequence[tuple[list[Path], list[int]]],
-                     transform: PilTransform | None) -> Dataset:
-    """Real (store rows) and synthetic (files) images with labels, concatenated."""
+                     transform: PilTransform | None, extra: Sequence[Dataset] = ()) -> Dataset:
+    """Real (store rows), synthetic (files) and ``extra`` labelled images, concatenated."""
     parts: list[Dataset] = []
     if real is not None:
         parts.append(ImageDataset(real, indices=real_rows, labels=real_y, transform=transform))
     for files, labels in synthetic:
         parts.append(ImageDataset(files, labels=labels, transform=transform))
+    parts += list(extra)
     if not parts:
         raise ValueError("no training data")
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)

@@ -197,15 +197,16 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
     return len(todo)
 
 
-def caption_plan(store: SplitStore, n: int, seed: int = 0,
-                 sampling: str = "uniform") -> list[dict[str, Any]]:
+def caption_plan(store: SplitStore, n: int, seed: int = 0, sampling: str = "uniform",
+                 start: int = 0) -> list[dict[str, Any]]:
     """Conditions of ``n`` samples drawn from a split store, one seeded draw per index.
 
     ``sampling`` (``PROMPT_SAMPLINGS``): ``uniform`` draws the tumor/TIL combination (hence the
     class label) uniformly and a summary from a slide drawn uniformly over the store's slides
     with a summary; ``data`` takes a real patch (with known tumor/TIL probabilities) and one of
     its slide's summaries. The draw of index ``i`` depends only on ``(seed, i)``, so plans of
-    different ``n`` share their prefix.
+    different ``n`` share their prefix, and ``start`` gives indices ``start .. start + n - 1``
+    of the same plan (a block of a large run).
     """
     if sampling not in PROMPT_SAMPLINGS:
         raise ValueError(f"prompt sampling must be one of {PROMPT_SAMPLINGS}, got {sampling!r}")
@@ -214,7 +215,7 @@ def caption_plan(store: SplitStore, n: int, seed: int = 0,
     draw = _uniform_draw(summaries, store) if sampling == "uniform" else _data_draw(summaries,
                                                                                     store)
     plan = []
-    for i in range(n):
+    for i in range(start, start + n):
         rng = np.random.default_rng([seed, i])
         tumor_level, til_level, s, patch = draw(rng)
         k = int(rng.integers(len(summaries[s])))
@@ -222,7 +223,8 @@ def caption_plan(store: SplitStore, n: int, seed: int = 0,
                                                                 summaries[s][k]),
                      "tumor": tumor_level, "til": til_level,
                      "class_label": class_label_from_levels(tumor_level, til_level),
-                     "patch_index": patch, "slide": str(slides[s]), "summary_index": k,
+                     "patch_index": patch, "slide": str(slides[s]), "slide_index": s,
+                     "summary_index": k,
                      "seed": image_seed(seed, i)})
     return plan
 
