@@ -63,11 +63,12 @@ def render_card(card: dict) -> str:
     """Markdown dataset card."""
     splits = card["splits"]
     names = list(splits)
-    rows = [("slides", "slides"), ("patches", "patches"), ("summaries", "summaries")]
+    rows = [("slides", "slides"), ("patches", "patches"), ("summaries", "summaries"),
+            ("patches without a probability (kept)", "kept_without_probability")]
     lines = ["# Dataset card", "", f"Created {card['created']}; store format "
              f"{card['format_version']}; config `{json.dumps(card['config'])}`.", "",
              "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {label} | " + " | ".join(str(splits[n][key]) for n in names) + " |"
+    lines += [f"| {label} | " + " | ".join(str(splits[n].get(key, 0)) for n in names) + " |"
               for label, key in rows]
     for key in ("patches_per_class", "patches_per_tumor_level", "patches_per_til_level",
                 "summaries_per_slide", "patches_per_slide", "dropped_tiles"):

@@ -127,6 +127,8 @@ def test_patches_without_probabilities_kept_by_default_or_dropped(tmp_path):
     assert card["dropped_tiles"] == {"low_tissue": 0, "nan_probability": 0}
     assert card["patches_per_class"]["4 (a probability unknown: unconditional)"] == 5
     assert card["patches_per_tumor_level"]["unknown"] == 5
+    assert "| patches without a probability (kept) | 5 | 0 |" in (
+        tmp_path / "keep" / "dataset_card.md").read_text()
     store = tmp_path / "keep" / "train.h5"
     tumor = _load(store)["tumor_prob"]
     assert int(np.isnan(tumor).sum()) == 5
