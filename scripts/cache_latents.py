@@ -31,8 +31,6 @@ def first_stage_config(paths: list[str], ckpt: str | None):
     stage = cfg.params.first_stage_config if "first_stage_config" in cfg.params else cfg
     stage = stage.copy()
     stage.params.lossconfig = {"target": "torch.nn.Identity"}
-    if stage.target.endswith(".VQModel"):
-        stage.target += "Interface"  # encode() -> pre-quantization latent
     if ckpt:
         stage.params.ckpt_path = ckpt
     if not stage.params.get("ckpt_path"):

@@ -3,7 +3,10 @@
 The frozen VQ encoder costs a large share of a PathLDM training step and gives the same output
 for the same pixels every epoch. :func:`cache_latents` encodes every whole tile once (and, with
 ``flips``, its horizontally/vertically flipped versions, so that flip augmentation stays exact)
-into ``latents`` ``(N, V, C, h, w)`` float16, V = 4 (none, h, v, hv) or 1. The training dataset
+into ``latents`` ``(N, V, C, h, w)`` float16, V = 4 (none, h, v, hv) or 1: the first stage's
+``encode_moments`` (VQ: the pre-quantization latent; KL: the posterior's mean and log-variance,
+which training samples as it does from images; format 2, format 1 held a KL posterior's mode).
+The training dataset
 (:class:`ldm.data.tcga.TCGAPatchDataset` with ``latents_path``) then returns ``batch["latent"]``.
 
 Writes are atomic (``OUT.tmp`` renamed when complete) and resumable: an interrupted run
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def _tiles(images: h5py.Dataset, start: int, stop: int) -> torch.Tensor:
@@ -45,11 +48,12 @@ def flip_variants(x: torch.Tensor, flips: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def encode(first_stage: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Unscaled first-stage latent (VQ: pre-quantization; KL: the posterior mode)."""
-    z = first_stage.encode(x)
-    if not torch.is_tensor(z):
-        z = z.mode()
-    return z
+    """What training draws latents from (``encode_moments``, see ``ldm.models.first_stage``).
+
+    VQ: the pre-quantization latent; KL: the posterior's mean and log-variance, so that
+    training from the cache samples the posterior exactly as training from images does.
+    """
+    return first_stage.encode_moments(x)
 
 
 def _source_id(store: h5py.File) -> str:

@@ -72,6 +72,10 @@ class VQModel(FirstStageBase):
         """Image -> pre-quantization latent (``quant_conv`` output)."""
         return self.quant_conv(self.encoder(x))
 
+    def encode_moments(self, x: Tensor) -> Tensor:
+        """What a latent cache stores: the pre-quantization latent (one point, no spread)."""
+        return self.encode_to_prequant(x)
+
     def decode(self, quant: Tensor) -> Tensor:
         """Quantized latent -> image."""
         return self.decoder(self.post_quant_conv(quant))
@@ -152,6 +156,14 @@ class VQModelInterface(VQModel):
         """Image -> pre-quantization latent ``h``."""
         return self.encode_to_prequant(x)
 
+    def latent_from_moments(self, moments: Tensor, sample: bool) -> Tensor:
+        """The pre-quantization latent itself (``sample`` has nothing to draw)."""
+        return moments
+
+    def encode_latent(self, x: Tensor, sample: bool) -> Tensor:
+        """Image -> pre-quantization latent ``h`` (the first-stage contract)."""
+        return self.encode_to_prequant(x)
+
     def decode(self, h: Tensor, force_not_quantize: bool = False) -> Tensor:  # type: ignore[override]
         """Latent -> image, quantizing ``h`` first unless ``force_not_quantize``."""
         quant = h if force_not_quantize else self.quantize(h)[0]
@@ -200,10 +212,23 @@ class AutoencoderKL(FirstStageBase):
 
     def encode(self, x: Tensor) -> DiagonalGaussianDistribution:
         """Image -> posterior over latents."""
-        return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussianDistribution(self.encode_moments(x))
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latent -> image."""
+    def encode_moments(self, x: Tensor) -> Tensor:
+        """Image -> posterior parameters (mean and log-variance on ``2 * embed_dim`` channels)."""
+        return self.quant_conv(self.encoder(x))
+
+    def latent_from_moments(self, moments: Tensor, sample: bool) -> Tensor:
+        """A posterior sample (``sample=True``, as training does) or the posterior mode."""
+        posterior = DiagonalGaussianDistribution(moments)
+        return posterior.sample() if sample else posterior.mode()
+
+    def encode_latent(self, x: Tensor, sample: bool) -> Tensor:
+        """Image -> latent (the first-stage contract)."""
+        return self.latent_from_moments(self.encode_moments(x), sample)
+
+    def decode(self, z: Tensor, force_not_quantize: bool = False) -> Tensor:
+        """Latent -> image (a continuous latent: ``force_not_quantize`` changes nothing)."""
         return self.decoder(self.post_quant_conv(z))
 
     def forward(self, input: Tensor, sample_posterior: bool = True,  # noqa: A002
@@ -258,6 +283,15 @@ class IdentityFirstStage(nn.Module):
         self.vq_interface = vq_interface
 
     def encode(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return x
+
+    def encode_moments(self, x: Tensor) -> Tensor:
+        return x
+
+    def latent_from_moments(self, moments: Tensor, sample: bool) -> Tensor:
+        return moments
+
+    def encode_latent(self, x: Tensor, sample: bool) -> Tensor:
         return x
 
     def decode(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

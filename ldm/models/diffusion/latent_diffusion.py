@@ -4,7 +4,6 @@ Importable as ``ldm.models.diffusion.ddpm.LatentDiffusion`` (the CompVis class p
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +14,7 @@ from torch import nn
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.distributed import global_std
+from ldm.models.first_stage import FirstStage
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,10 @@ class LatentDiffusion(DDPM):
     def instantiate_first_stage(self, config: Mapping) -> None:
         """Build the frozen autoencoder (eval mode, no gradients)."""
         self.first_stage_model = instantiate_from_config(config).eval()
+        if not isinstance(self.first_stage_model, FirstStage):
+            raise TypeError(f"{config.get('target')} is not a first stage (no encode_latent/"
+                            "latent_from_moments): use VQModelInterface, AutoencoderKL or "
+                            "IdentityFirstStage, see ldm.models.first_stage")
         for param in self.first_stage_model.parameters():
             param.requires_grad = False
 
@@ -161,11 +165,9 @@ class LatentDiffusion(DDPM):
             z = self.first_stage_model.quantize.get_codebook_entry(z, shape=None)
             z = z.permute(0, 3, 1, 2).contiguous()
         z = 1.0 / self.scale_factor * z
-        decode = self.first_stage_model.decode
         with _fp32(z.device):
-            if "force_not_quantize" in inspect.signature(decode).parameters:
-                return decode(z.float(), force_not_quantize=predict_cids or force_not_quantize)
-            return decode(z.float())
+            return self.first_stage_model.decode(
+                z.float(), force_not_quantize=predict_cids or force_not_quantize)
 
     @torch.no_grad()
     def decode_first_stage(self, z: torch.Tensor, predict_cids: bool = False,
@@ -220,13 +222,16 @@ class LatentDiffusion(DDPM):
                            ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Images (None if the batch only has latents) and their scaled latents."""
         x = DDPM.get_input(self, batch, k)[:bs].to(self.device) if k in batch else None
-        if "latent" in batch:
-            z = batch["latent"][:bs].to(self.device).float()
+        if "latent" in batch:  # cached encode_moments output
+            moments = batch["latent"][:bs].to(self.device).float()
         elif x is None:
             raise KeyError(f"batch has neither {k!r} nor 'latent' (keys: {sorted(batch)})")
         else:
-            z = self.encode_first_stage(x)
-        return x, self.get_first_stage_encoding(z).detach()
+            with _fp32(x.device):
+                moments = self.first_stage_model.encode_moments(x.float())
+        # one draw for both paths: a KL posterior is sampled, as in the original's training
+        z = self.first_stage_model.latent_from_moments(moments, sample=True)
+        return x, (self.scale_factor * z).detach()
 
     @torch.no_grad()
     def get_input(self, batch: Mapping[str, Any], k: str, return_first_stage_outputs: bool = False,
@@ -234,7 +239,8 @@ class LatentDiffusion(DDPM):
                   return_original_cond: bool = False, bs: int | None = None) -> list:
         """``[z, c]`` (+ ``x, xrec`` and the raw conditioning on request) from a batch.
 
-        ``batch["latent"]`` (pre-quantization, unscaled first-stage latents) skips the encoder.
+        ``batch["latent"]`` (cached ``encode_moments`` of the images: a VQ pre-quantization latent
+        or a KL posterior's mean and log-variance) skips the encoder; KL latents are sampled.
         The conditioning is encoded here, without gradients, unless the cond stage is trainable.
         """
         x, z = self._first_stage_input(batch, k, bs)
