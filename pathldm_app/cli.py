@@ -108,9 +108,9 @@ def build_state(args: argparse.Namespace) -> Any:
     st = AppState(db=db, settings=settings, settings_id=db.settings_id(settings), token=args.token)
     if args.store is not None:
         st.slide_summaries = slide_summaries(args.store)
-    if (args.store is None) != (args.generated is None):
-        raise ValueError("the reader study needs both --store and --generated")
-    if args.store is not None:
+    if args.generated is not None and args.store is None:
+        raise ValueError("the reader study needs --store (real images) with --generated")
+    if args.generated is not None:
         st.study = StudyConfig(args.store, args.generated, args.study_n, args.study_seed,
                                args.stratify)
         if db.get_meta("study") is None:

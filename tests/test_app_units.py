@@ -191,6 +191,16 @@ def test_cli_refuses_public_host_without_token(tmp_path, caplog):
     assert "without an access token" in caplog.text
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    from scripts_loader import load_script
+
+    from pathldm_app.cli import build_parser, build_state
+
+    with pytest.raises(SystemExit) as e:  # scripts/app.py is the same command
+        load_script("app").main(["--help"])
+    assert e.value.code == 0
+    with pytest.raises(ValueError, match="needs --store"):
+        build_state(build_parser().parse_args(["--generated", str(tmp_path), "--workdir",
+                                               str(tmp_path / "w")]))
 
 
 def _serve(app, port):
@@ -287,3 +297,23 @@ def test_generation_request_checks_and_progress(tmp_path):
     gen._step["j"] = (25, 50)  # half-way through the last batch (one image)
     assert gen.fraction(job) == pytest.approx(2.5 / 3)
     assert gen.fraction({**job, "status": "done"}) == 1.0
+
+
+def test_unfinished_jobs_are_requeued_and_load_errors_reported(tmp_path):
+    """A job left 'running' by a killed server runs again; a missing model fails it clearly."""
+    from pathldm_app.generate import Generator, ModelSpec
+    from pathldm_app.storage import Database
+
+    db = Database(tmp_path / "a.sqlite")
+    params = {"tumor": "low", "til": "low", "summary": "", "scale": 1.0, "steps": 2, "seed": 0,
+              "n": 1}
+    db.add_job("old", "Dr A", params, 1, db.settings_id({}))
+    db.update_job("old", status="running")
+    gen = Generator(db, ModelSpec(str(tmp_path / "missing.ckpt")), tmp_path / "out", 1)
+    gen.start()
+    deadline = time.monotonic() + 30
+    while gen.queue_position("old") is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job = db.job("old")
+    assert job["status"] == "error" and "missing.ckpt" in job["error"]
+    assert "could not be loaded" in job["error"]
