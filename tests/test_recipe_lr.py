@@ -55,6 +55,9 @@ def test_vq_f8_config_is_the_originals():
 
 
 def test_scale_lr_flag_beats_the_config():
+    parse = main.get_parser().parse_known_args
+    assert [parse(["-t", *f])[0].scale_lr for f in ([], ["--scale_lr"], ["--no-scale_lr"])] == [
+        None, True, False]
     model = OmegaConf.create({"scale_lr": True})
     assert scale_lr_setting(False, model) == (False, "--no-scale_lr")
     assert scale_lr_setting(True, OmegaConf.create({})) == (True, "--scale_lr")
