@@ -100,6 +100,27 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "levels and a summary of its slide (the data's distribution)")
 
 
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``generate``: prompt store, guidance, output folder or store, shard."""
+    p.add_argument("--store", required=True, type=Path,
+                   help="split store whose patches/summaries give the captions")
+    p.add_argument("--split-name", default=None, help="label of the prompt split "
+                   "(default: the store's 'split' attribute)")
+    p.add_argument("--scale", type=float, default=1.75, help="classifier-free guidance scale")
+    p.add_argument("--outdir", required=True, type=Path, help="folder for PNGs and metadata")
+    p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i "
+                   "(with --format store: the parts with part %% n == i)")
+    p.add_argument("--format", choices=("png", "store"), default="png",
+                   help="png: one PNG per sample and samples.jsonl (FID); store: HDF5 parts "
+                        "OUTDIR/part-NNNNNN.h5 in the split-store layout, each written "
+                        "atomically, the levels in tumor_prob/til_prob as 0 (low) or 1 (high) "
+                        "(CAS at the paper's scale: scripts/cas.py --synthetic OUTDIR)")
+    p.add_argument("--part-size", type=positive_int, default=10_000,
+                   help="--format store: samples per part file (the unit of resuming)")
+    p.add_argument("--jpeg-quality", type=int_in(1, 95), default=95,
+                   help="--format store: JPEG quality of the stored samples")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Command-line interface."""
     parser = argparse.ArgumentParser(description=__doc__, epilog=EXAMPLES,
@@ -124,23 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", **kw, help="generate samples for FID")
     _add_model_args(p)
-    p.add_argument("--store", required=True, type=Path,
-                   help="split store whose patches/summaries give the captions")
-    p.add_argument("--split-name", default=None, help="label of the prompt split "
-                   "(default: the store's 'split' attribute)")
-    p.add_argument("--scale", type=float, default=1.75, help="classifier-free guidance scale")
-    p.add_argument("--outdir", required=True, type=Path, help="folder for PNGs and metadata")
-    p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i "
-                   "(with --format store: the parts with part %% n == i)")
-    p.add_argument("--format", choices=("png", "store"), default="png",
-                   help="png: one PNG per sample and samples.jsonl (FID); store: HDF5 parts "
-                        "OUTDIR/part-NNNNNN.h5 in the split-store layout, each written "
-                        "atomically, the levels in tumor_prob/til_prob as 0 (low) or 1 (high) "
-                        "(CAS at the paper's scale: scripts/cas.py --synthetic OUTDIR)")
-    p.add_argument("--part-size", type=positive_int, default=10_000,
-                   help="--format store: samples per part file (the unit of resuming)")
-    p.add_argument("--jpeg-quality", type=int_in(1, 95), default=95,
-                   help="--format store: JPEG quality of the stored samples")
+    _add_generate_args(p)
 
     p = sub.add_parser("score", **kw, help="FID/KID of generated folders")
     p.add_argument("--ref", required=True, type=Path,
@@ -161,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", required=True, type=Path, help="folder of scale_*/<split>/ runs")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results (default: OUTDIR/sweep_results.json)")
-    p.set_defaults(shard="0/1", center_crop=None, resize=None)
+    p.set_defaults(shard="0/1", center_crop=None, resize=None, format="png")
     _add_inception_args(p, batch_flag="--fid-batch-size")
     return parser
 
