@@ -79,5 +79,7 @@ def test_a_training_autoencoder_is_not_a_first_stage():
     cfg = copy.deepcopy(tiny_model_config(use_ema=False))
     cfg["params"]["first_stage_config"] = {"target": "ldm.models.autoencoder.VQModel",
                                            "params": VQ}
+    model = instantiate_from_config(cfg)  # builds: a model fed latents needs no first stage
+    batch = {"image": images(), "class_label": torch.tensor([0, 3])}
     with pytest.raises(TypeError, match="VQModel is not a first stage.*VQModelInterface"):
-        instantiate_from_config(cfg)
+        model.get_input(batch, "image")

@@ -106,10 +106,6 @@ class LatentDiffusion(DDPM):
     def instantiate_first_stage(self, config: Mapping) -> None:
         """Build the frozen autoencoder (eval mode, no gradients)."""
         self.first_stage_model = instantiate_from_config(config).eval()
-        if not isinstance(self.first_stage_model, FirstStage):
-            raise TypeError(f"{config.get('target')} is not a first stage (no encode_latent/"
-                            "latent_from_moments): use VQModelInterface, AutoencoderKL or "
-                            "IdentityFirstStage, see ldm.models.first_stage")
         for param in self.first_stage_model.parameters():
             param.requires_grad = False
 
@@ -140,6 +136,16 @@ class LatentDiffusion(DDPM):
         return self
 
     # ----------------------------------------------------------------------- first stage
+    def _first_stage(self) -> FirstStage:
+        """The first stage, checked against the contract when it is used (a model that only
+        ever sees latents, like the benchmark's, may hold any module there)."""
+        stage = self.first_stage_model
+        if not isinstance(stage, FirstStage):
+            raise TypeError(f"{type(stage).__name__} is not a first stage (no encode_latent/"
+                            "latent_from_moments): use VQModelInterface, AutoencoderKL or "
+                            "IdentityFirstStage, see ldm.models.first_stage")
+        return stage
+
     def get_first_stage_encoding(self, encoder_posterior: Any) -> torch.Tensor:
         """Scaled latent from an ``encode()`` output (a tensor, or a distribution to sample)."""
         if torch.is_tensor(encoder_posterior):
@@ -166,7 +172,7 @@ class LatentDiffusion(DDPM):
             z = z.permute(0, 3, 1, 2).contiguous()
         z = 1.0 / self.scale_factor * z
         with _fp32(z.device):
-            return self.first_stage_model.decode(
+            return self._first_stage().decode(
                 z.float(), force_not_quantize=predict_cids or force_not_quantize)
 
     @torch.no_grad()
@@ -228,9 +234,9 @@ class LatentDiffusion(DDPM):
             raise KeyError(f"batch has neither {k!r} nor 'latent' (keys: {sorted(batch)})")
         else:
             with _fp32(x.device):
-                moments = self.first_stage_model.encode_moments(x.float())
+                moments = self._first_stage().encode_moments(x.float())
         # one draw for both paths: a KL posterior is sampled, as in the original's training
-        z = self.first_stage_model.latent_from_moments(moments, sample=True)
+        z = self._first_stage().latent_from_moments(moments, sample=True)
         return x, (self.scale_factor * z).detach()
 
     @torch.no_grad()
