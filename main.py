@@ -26,8 +26,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.argtypes import positive_int, seed_int
 from ldm.callbacks import ImageLogger  # noqa: F401  (CompVis configs name main.ImageLogger)
 from ldm.trainer_setup import (
+    DEFAULT_SEED,
     ConfigError,
     Hardware,
     RunPaths,
@@ -39,6 +41,8 @@ from ldm.trainer_setup import (
     path_problems,
     resolve_hardware,
     resolve_run,
+    resume_checkpoint_seed,
+    run_seed,
     scale_lr_setting,
     trainer_kwargs,
 )
@@ -64,7 +68,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--name", help="run name (default: the config file names)")
     p.add_argument("-f", "--postfix", default="", help="appended to the run name")
     p.add_argument("-l", "--logdir", default="logs", help="directory that holds run directories")
-    p.add_argument("-s", "--seed", type=int, default=23, help="global seed")
+    p.add_argument("-s", "--seed", type=seed_int, default=None,
+                   help=f"global seed (default {DEFAULT_SEED}; -r keeps the resumed run's seed)")
     p.add_argument("--gpus", metavar="IDS",
                    help="CUDA device indices, e.g. 0,1,2 (or 0, for one device); a bare count "
                         "is refused as ambiguous: use --devices N")
@@ -72,9 +77,13 @@ def get_parser() -> argparse.ArgumentParser:
                                      "--accelerator; default 1")
     p.add_argument("--accelerator", choices=["auto", "cpu", "gpu", "cuda", "mps"],
                    help="default: GPU when CUDA is available, else CPU")
-    p.add_argument("--num_nodes", type=int, help="number of nodes (SLURM/torchrun multi-node)")
+    p.add_argument("--num_nodes", type=positive_int,
+                   help="number of nodes (SLURM/torchrun multi-node)")
     p.add_argument("--precision", help="Lightning precision; default bf16-mixed on GPU "
                                        "(16-mixed where bf16 is unsupported), 32-true on CPU")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints (-r, ckpt_path) that a weights-only load refuses as "
+                        "full pickles; this can run arbitrary code: only for files you trust")
     p.add_argument("--scale_lr", action=argparse.BooleanOptionalAction, default=None,
                    help="lr = accumulate_grad_batches * nodes * devices * batch * "
                         "base_learning_rate (--no-scale_lr: lr = base_learning_rate); default: "
@@ -148,13 +157,30 @@ def _preflight(config: DictConfig, hw: Hardware, argv: Sequence[str] | None) -> 
                           "from the command line (python main.py ... or torchrun main.py ...)")
 
 
+def _seed(explicit: int | None, run_paths: RunPaths, previous: Any) -> int:
+    """The session's seed: ``-s``, else the resumed checkpoint's (or run's), else the default.
+
+    Reading the resumed checkpoint also checks it: a damaged or refused file stops here.
+    """
+    saved = None
+    if run_paths.resume_ckpt is not None:
+        saved = resume_checkpoint_seed(run_paths.resume_ckpt)
+        if saved is None and previous is not None:
+            saved = previous.get("seed")
+    return run_seed(explicit, saved)
+
+
 def run(opt: argparse.Namespace, overrides: Sequence[str],
         argv: Sequence[str] | None = None) -> int:
     """Resolve the run, check it, build model/data/trainer, fit and optionally test."""
+    from ldm.checkpoint import safe_globals, set_trust
+
+    set_trust(opt.trust_checkpoint)
     run_paths = resolve_run(opt.base, opt.resume, opt.name, opt.postfix, opt.logdir)
     config = load_config([*run_paths.resumed_configs, *opt.base], overrides)
     lightning_cfg = config.pop("lightning", OmegaConf.create())
-    lightning_cfg.pop("run", None)  # informational record of a previous session
+    previous = lightning_cfg.pop("run", None)  # record of the previous session
+    opt.seed = _seed(opt.seed, run_paths, previous)
     trainer_cfg = lightning_cfg.get("trainer", {})
     hw = resolve_hardware(opt.gpus, opt.devices, opt.accelerator, opt.num_nodes, opt.precision,
                           trainer_cfg)
@@ -189,18 +215,28 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
     trainer = _build_trainer(config, lightning_cfg, hw, run_paths, opt.seed, saved_lightning)
     logger.info("run directory %s; %s x%d on %d node(s), precision %s", run_paths.logdir,
                 hw.accelerator, hw.devices_per_node, hw.num_nodes, hw.precision)
+    weights_only = not opt.trust_checkpoint
+    with safe_globals():
+        return _fit_and_test(opt, trainer, model, data, run_paths.resume_ckpt, weights_only)
+
+
+def _fit_and_test(opt: argparse.Namespace, trainer: Any, model: Any, data: Any,
+                  resume_ckpt: Any, weights_only: bool) -> int:
+    """``trainer.fit`` and/or the test (or validation) step; the exit status."""
+    from pytorch_lightning.utilities.model_helpers import is_overridden
+
     if opt.train:
-        trainer.fit(model, datamodule=data, ckpt_path=run_paths.resume_ckpt)
+        trainer.fit(model, datamodule=data, ckpt_path=resume_ckpt, weights_only=weights_only)
         if trainer.interrupted:
             logger.warning("training was interrupted")
             return 130
     if opt.test:
-        ckpt = None if opt.train else run_paths.resume_ckpt
+        ckpt = None if opt.train else resume_ckpt
         if is_overridden("test_step", model):
-            trainer.test(model, datamodule=data, ckpt_path=ckpt)
+            trainer.test(model, datamodule=data, ckpt_path=ckpt, weights_only=weights_only)
         else:
             logger.info("the model has no test_step; evaluating its validation step instead")
-            trainer.validate(model, datamodule=data, ckpt_path=ckpt)
+            trainer.validate(model, datamodule=data, ckpt_path=ckpt, weights_only=weights_only)
     return 0
 
 
@@ -213,9 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("main.py: nothing to do: pass -t/--train to train and/or --test to evaluate",
               file=sys.stderr)
         return 2
+    from ldm.checkpoint import CheckpointError
+
     try:
         return run(opt, overrides, argv)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"main.py: {e}", file=sys.stderr)
         return 2
 

@@ -63,3 +63,4 @@ non_negative_float = float_in(0.0)
 unit_float = float_in(0.0, 1.0)
 positive_int = int_in(1)
 non_negative_int = int_in(0)
+seed_int = int_in(0, 2**32 - 1)  # what numpy and Lightning accept as a seed

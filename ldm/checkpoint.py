@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,35 +43,141 @@ class LoadedCheckpoint:
     ignored_keys: list[str] = field(default_factory=list)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (safely); the message is one line naming it."""
+
+
+class LegacyCallbackKey:
+    """Stands in for the Lightning 1.x callback classes pickled as keys of ``ckpt["callbacks"]``.
+
+    CompVis/PathLDM checkpoints were saved by Lightning 1.x, which keyed callback states by the
+    callback's class; a weights-only load resolves each class name to an inert subclass.
+    """
+
+    legacy_name = ""
+
+
+def _legacy_callback_keys() -> list[type]:
+    """One inert :class:`LegacyCallbackKey` subclass per Lightning callback class name."""
+    return [type(cls, (LegacyCallbackKey,), {"legacy_name": f"{pkg}.callbacks.{mod}.{cls}"})
+            for pkg in ("pytorch_lightning", "lightning.pytorch")
+            for mod, cls in (("model_checkpoint", "ModelCheckpoint"),
+                             ("early_stopping", "EarlyStopping"),
+                             ("lr_monitor", "LearningRateMonitor"))]
+
+
+_LEGACY_CALLBACK_KEYS = _legacy_callback_keys()
+
+
+def _allowed_globals() -> list[Any]:
+    """Globals a weights-only load accepts beyond torch's own: data-only numpy reconstructors
+    and the Lightning 1.x callback classes (as inert markers). Nothing here runs user code."""
+    import numpy as np
+
+    marker = [(cls, cls.legacy_name) for cls in _LEGACY_CALLBACK_KEYS]
+    core = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    numpy = [(core.scalar, f"{m}.multiarray.scalar") for m in ("numpy.core", "numpy._core")]
+    numpy += [(core._reconstruct, f"{m}.multiarray._reconstruct")
+              for m in ("numpy.core", "numpy._core")]
+    numpy += [np.dtype, np.ndarray] + [type(np.dtype(t)) for t in NUMPY_DTYPES]
+    return marker + numpy
+
+
+NUMPY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
+TRUST_FLAG = "--trust-checkpoint"
+_trusted = False
+
+
+def set_trust(enabled: bool) -> None:
+    """Allow full-pickle loads for this process (``--trust-checkpoint``); default: refused."""
+    global _trusted
+    _trusted = bool(enabled)
+    if enabled:
+        logger.warning("%s: checkpoints load as full pickles, which can run arbitrary code; "
+                       "use it only for files you trust", TRUST_FLAG)
+
+
+def safe_globals() -> Any:
+    """Context manager that lets ``torch.load(weights_only=True)`` accept the allow-list."""
+    return torch.serialization.safe_globals(_allowed_globals())
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message, on one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = text.split(". ")[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def load_torch_file(path: str | Path, trust: bool | None = None, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file: weights-only with the allow-list, never silently more.
+
+    A full pickle happens only when ``trust`` (or :func:`set_trust`) says so. Missing, empty,
+    truncated, corrupt and refused files raise one-line errors naming the file.
+    """
+    import pickle
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
+    trusted = _trusted if trust is None else trust
+    use_mmap = mmap and zipfile.is_zipfile(path)  # the legacy (pre-zip) format cannot be mapped
+    try:
+        with safe_globals():
+            return torch.load(path, map_location="cpu", weights_only=not trusted, mmap=use_mmap)
+    except pickle.UnpicklingError as e:
+        refused = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(e))))
+        if not trusted and refused:
+            raise CheckpointError(
+                f"{path}: refused to load: it pickles {', '.join(refused)}, which a weights-only "
+                f"load does not allow (unpickling it could run code); pass {TRUST_FLAG} only if "
+                "you trust where the file came from") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes; corrupt or "
+                              f"another format): {_one_line(e)}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError, AttributeError, TypeError,
+            ImportError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({size} bytes; truncated, "
+                              f"corrupt or another format): {type(e).__name__}: "
+                              f"{_one_line(e)}") from None
+
+
+def read_checkpoint(path: str | Path, trust: bool | None = None,
+                    mmap: bool = False) -> dict[str, Any]:
     """The whole checkpoint dict (``state_dict``, ``config``, ...) of a ``.ckpt``/``.pt`` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning/CompVis checkpoints may pickle non-tensor objects
-        logger.warning("%s: not loadable with weights_only=True; loading it as a full pickle "
-                       "(only do this for checkpoints you trust)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = load_torch_file(path, trust=trust, mmap=mmap)
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     obj = dict(obj)
     if "state_dict" not in obj:  # a bare state_dict
         obj = {"state_dict": obj}
+    if not isinstance(obj["state_dict"], Mapping):
+        raise CheckpointError(f"{path}: 'state_dict' is a {type(obj['state_dict']).__name__}, "
+                              "not a mapping of tensors")
     return obj
 
 
 def read_safetensors(path: str | Path) -> dict[str, Any]:
     """A safetensors export as a checkpoint dict; its ``config`` metadata (JSON) is restored."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    ckpt: dict[str, Any] = {"state_dict": load_file(str(path))}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        ckpt: dict[str, Any] = {"state_dict": load_file(str(path))}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file "
+                              f"({Path(path).stat().st_size} bytes; truncated or corrupt?): "
+                              f"{_one_line(e)}") from None
     if metadata.get("config"):
         ckpt["config"] = json.loads(metadata["config"])
     if metadata.get("global_step"):

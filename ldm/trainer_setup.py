@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 RUN_TIMESTAMP_ENV = "PATHLDM_RUN_TIMESTAMP"
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H-%M-%S"
 DEVICE_KEYS = ("accelerator", "devices", "num_nodes", "gpus")
+DEFAULT_SEED = 23
 
 
 class ConfigError(Exception):
@@ -410,3 +411,31 @@ def hand_accumulation_to_model(model: Any, trainer_cfg: DictConfig) -> int:
     logger.info("%s accumulates gradients over %d batches itself (manual optimization)",
                 type(model).__name__, n)
     return n
+
+
+# ----------------------------------------------------------------------------- seed
+def resume_checkpoint_seed(ckpt: Path) -> int | None:
+    """The seed recorded in a checkpoint written by ``main.py`` (None for other checkpoints).
+
+    Reading it also checks the file: a truncated, empty or refused checkpoint raises a one-line
+    :class:`ldm.checkpoint.CheckpointError` here, before anything is built.
+    """
+    from ldm.checkpoint import read_checkpoint
+
+    ckpt_dict = read_checkpoint(ckpt, mmap=True)
+    run = ((ckpt_dict.get("config") or {}).get("lightning") or {}).get("run") or {}
+    seed = run.get("seed") if isinstance(run, Mapping) else None
+    return None if seed is None else int(seed)
+
+
+def run_seed(explicit: int | None, saved: int | None) -> int:
+    """``-s`` if given, else the resumed run's seed, else :data:`DEFAULT_SEED`."""
+    if saved is not None and explicit is not None and explicit != saved:
+        logger.warning("-s %d differs from the resumed run's seed %d: the data order and noise "
+                       "will not continue as the uninterrupted run would", explicit, saved)
+    if explicit is not None:
+        return explicit
+    if saved is not None:
+        logger.info("seed %d (the resumed run's)", saved)
+        return saved
+    return DEFAULT_SEED

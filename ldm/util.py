@@ -82,25 +82,14 @@ class LoadReport:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state_dict from a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Read a state_dict from a ``.ckpt``/``.pt``/``.pth`` or ``.safetensors`` file.
 
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # old CompVis checkpoints pickle non-tensor objects (e.g. callbacks)
-        logger.warning("%s: not loadable with weights_only=True; loading it as a full pickle "
-                       "(only do this for checkpoints you trust)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state_dict or a checkpoint with 'state_dict'")
-    return dict(obj)
+    Loading is :func:`ldm.checkpoint.read_checkpoint`'s (weights-only with an allow-list; a full
+    pickle only with ``--trust-checkpoint``), imported here because that module builds on this one.
+    """
+    from ldm.checkpoint import read_checkpoint
+
+    return dict(read_checkpoint(path)["state_dict"])
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:

@@ -41,24 +41,32 @@ def first_stage_config(paths: list[str], ckpt: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from ldm.argtypes import positive_int
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", nargs="+", required=True, help="model config(s), merged in order")
     p.add_argument("--store", required=True, help="training store (train.h5 / test.h5)")
     p.add_argument("--out", required=True, help="latents store to write (HDF5)")
     p.add_argument("--ckpt", help="first-stage checkpoint (default: the config's ckpt_path)")
-    p.add_argument("--batch-size", type=int, default=32, help="tiles per batch (x4 with flips)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="tiles per batch (x4 with flips)")
     p.add_argument("--no-flips", action="store_true",
                    help="encode only the unflipped tiles (train with flip: false)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:1")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a full-pickle load of a checkpoint that a weights-only load "
+                        "refuses (can run arbitrary code: only for files you trust)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from ldm.checkpoint import set_trust
     from ldm.data.latents import cache_latents
     from ldm.util import instantiate_from_config
 
+    set_trust(args.trust_checkpoint)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,6 +23,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from ldm.argtypes import (  # noqa: E402
+    non_negative_int,
+    positive_float,
+    positive_int,
+    seed_int,
+)
 from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main  # noqa: E402
 from ldm.evaluation.images import SplitStore, pil_transform, write_json  # noqa: E402
 
@@ -59,25 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--real-name", default="TCGA-BRCA", help="'Data source' of real rows")
     d.add_argument("--synthetic-name", default=None,
                    help="'Data source' of synthetic rows (default: folder name)")
-    d.add_argument("--max-real-train", type=int, default=None, help="subsample real training")
-    d.add_argument("--max-real-test", type=int, default=None, help="subsample the test set")
-    d.add_argument("--image-size", type=int, default=None,
+    d.add_argument("--max-real-train", type=positive_int, default=None,
+                   help="subsample real training")
+    d.add_argument("--max-real-test", type=positive_int, default=None,
+                   help="subsample the test set")
+    d.add_argument("--image-size", type=positive_int, default=None,
                    help="resize patches to this size (default: as stored)")
     t = p.add_argument_group("training (paper defaults)")
-    t.add_argument("--epochs", type=int, default=40)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    t.add_argument("--milestones", type=int, nargs="*", default=[20, 30],
+    t.add_argument("--epochs", type=positive_int, default=40)
+    t.add_argument("--batch-size", type=positive_int, default=256)
+    t.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--milestones", type=positive_int, nargs="*", default=[20, 30],
                    help="epochs where the LR is multiplied by --gamma")
-    t.add_argument("--gamma", type=float, default=0.1)
+    t.add_argument("--gamma", type=positive_float, default=0.1)
     t.add_argument("--flip", action="store_true", help="random flips (not in the paper)")
     t.add_argument("--pretrained", type=Path, default=None,
                    help="ImageNet ResNet-34 state_dict (default: torchvision's cache file "
                         "resnet34-b627a593.pth if present, else random init with a warning)")
     t.add_argument("--no-pretrained", action="store_true", help="random init on purpose")
     o = p.add_argument_group("other")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    o.add_argument("--seed", type=seed_int, default=0)
+    o.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     o.add_argument("--out", type=Path, default=Path("cas_results.json"), help="JSON results")
     o.add_argument("--save-models", type=Path, default=None,

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm.argtypes import positive_int
 from ldm.checkpoint import (
     EMA_PREFIX,
     IGNORED_PREFIXES,
@@ -31,9 +32,15 @@ from ldm.checkpoint import (
     model_config,
     read_checkpoint,
     resolve_checkpoint,
+    set_trust,
     write_safetensors,
 )
-from ldm.evaluation.cli import configure_logging, format_table, run_main
+from ldm.evaluation.cli import (
+    add_trust_arg,
+    configure_logging,
+    format_table,
+    run_main,
+)
 
 logger = logging.getLogger("ckpt_tools")
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -54,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("ckpt", help="checkpoint (.ckpt/.pt/.safetensors) or run directory")
     common.add_argument("--config", nargs="+", default=None,
                         help="model config YAML(s) when the checkpoint embeds none")
+    add_trust_arg(common)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("inspect", parents=[common], help="list key groups and metadata")
-    p.add_argument("--depth", type=int, default=2, help="prefix depth of the groups")
+    p.add_argument("--depth", type=positive_int, default=2, help="prefix depth of the groups")
     p.add_argument("--json", type=Path, default=None, help="also write the summary as JSON")
     p = sub.add_parser("extract-first-stage", parents=[common],
                        help="save the autoencoder of an LDM checkpoint on its own")
@@ -205,6 +213,7 @@ def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    set_trust(args.trust_checkpoint)
     commands = {"inspect": cmd_inspect, "extract-first-stage": cmd_extract_first_stage,
                 "export-ema": cmd_export_ema}
     return commands[args.command](args)

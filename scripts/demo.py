@@ -144,15 +144,18 @@ def sample(run: Path, store: Path, out: Path, n: int, steps: int, seed: int) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
+    from ldm.argtypes import positive_int, seed_int
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
-    p.add_argument("--vq-steps", type=int, default=300,
+    p.add_argument("--vq-steps", type=positive_int, default=300,
                    help="VQ training steps (batch 16 of 32x32 crops)")
-    p.add_argument("--ldm-steps", type=int, default=400, help="LDM training steps (batch 16)")
-    p.add_argument("--n", type=int, default=4, help="samples per caption")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ldm-steps", type=positive_int, default=400,
+                   help="LDM training steps (batch 16)")
+    p.add_argument("--n", type=positive_int, default=4, help="samples per caption")
+    p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -23,8 +23,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ldm.argtypes import positive_int  # noqa: E402
-from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main  # noqa: E402
+from ldm.argtypes import non_negative_int, positive_int, seed_int  # noqa: E402
+from ldm.evaluation.cli import (  # noqa: E402
+    add_trust_arg,
+    configure_logging,
+    format_table,
+    resolve_device,
+    run_main,
+)
 from ldm.evaluation.images import (  # noqa: E402
     PartitionDataset,
     open_images,
@@ -60,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint per --config ('-' = the config's ckpt_path)")
     p.add_argument("--name", action="append", default=None, help="row label per --config")
     crops = p.add_mutually_exclusive_group()
-    crops.add_argument("--crop", type=int, nargs="+", default=None,
+    crops.add_argument("--crop", type=positive_int, nargs="+", default=None,
                        help="centre-crop sizes, one table row each (default: whole images)")
     crops.add_argument("--partition", type=positive_int, nargs="+", default=None,
                        metavar="SIZE",
@@ -70,14 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SSIM setting: wang = Wang et al. (Gaussian 11x11 window, sigma 1.5, "
                         "population covariances; default), uniform = scikit-image's default "
                         "(7x7 uniform window, sample covariances)")
-    p.add_argument("--n", type=int, default=None, help="random subset of this many images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset and of KL sampling")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="random subset of this many images")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the subset and of KL sampling")
     p.add_argument("--kl-sample", action="store_true",
                    help="KL models: decode a posterior sample instead of the mode")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch")
+    p.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--out", type=Path, default=Path("vae_eval.json"), help="JSON results")
+    add_trust_arg(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -112,7 +121,7 @@ def _config(path: Path) -> dict[str, Any]:
 def _datasets(args: argparse.Namespace) -> list[tuple[str, int | None, Any]]:
     """``(mode, size, dataset)`` per table row: whole images, centre crops or partitions."""
     if args.partition:
-        whole = open_images(args.data, n=args.n, seed=args.seed)
+        whole = open_images(args.data, n=args.n, seed=args.seed, one_size=False)
         return [("partition", s, PartitionDataset(whole, s)) for s in args.partition]
     return [("centre" if c else "whole", c, open_images(args.data, n=args.n, seed=args.seed,
                                                          transform=pil_transform(center_crop=c)))
@@ -131,10 +140,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Entry point."""
     import torch
 
+    from ldm.checkpoint import set_trust
     from ldm.evaluation.reconstruction import evaluate_reconstructions, load_first_stage
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    set_trust(args.trust_checkpoint)
     device = resolve_device(args.device)
     rows = []
     for name, cfg_path, ckpt in _models(args):

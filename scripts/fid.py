@@ -27,7 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from ldm.argtypes import int_in, positive_int  # noqa: E402
+from ldm.argtypes import (  # noqa: E402
+    int_in,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    seed_int,
+    unit_float,
+)
 from ldm.evaluation.cli import (  # noqa: E402
     add_checkpoint_args,
     configure_logging,
@@ -74,26 +81,28 @@ def _add_inception_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-s
     g = p.add_argument_group("Inception")
     g.add_argument("--dims", type=int, default=2048, choices=DIMS,
                    help="Inception feature block (2048 = pool3, the standard FID)")
-    g.add_argument(batch_flag, dest="fid_batch_size", type=int, default=50,
+    g.add_argument(batch_flag, dest="fid_batch_size", type=positive_int, default=50,
                    help="images per Inception forward pass")
-    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for reading")
+    g.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="DataLoader workers for reading")
     g.add_argument("--inception-weights", type=Path, default=None,
                    help=f"path to {FID_WEIGHTS_FILE}; unset: the torch hub cache "
                         "$TORCH_HOME/hub/checkpoints (downloaded there if missing)")
     g.add_argument("--no-download", action="store_true",
                    help="never try to download the Inception weights")
-    g.add_argument("--kid-subsets", type=int, default=100, help="KID: number of subsets")
-    g.add_argument("--kid-subset-size", type=int, default=1000, help="KID: samples per subset")
+    g.add_argument("--kid-subsets", type=positive_int, default=100, help="KID: number of subsets")
+    g.add_argument("--kid-subset-size", type=int_in(2), default=1000,
+                   help="KID: samples per subset")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and sampling")
     add_checkpoint_args(g)
-    g.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
-    g.add_argument("--batch-size", type=int, default=16, help="images per sampling batch")
-    g.add_argument("--seed", type=int, default=0, help="seed of captions and noise")
-    g.add_argument("--n", type=int, default=10_000, help="samples per prompt split")
+    g.add_argument("--steps", type=positive_int, default=50, help="DDIM steps")
+    g.add_argument("--eta", type=unit_float, default=0.0, help="DDIM eta in [0, 1]")
+    g.add_argument("--batch-size", type=positive_int, default=16, help="images per sampling batch")
+    g.add_argument("--seed", type=seed_int, default=0, help="seed of captions and noise")
+    g.add_argument("--n", type=positive_int, default=10_000, help="samples per prompt split")
     g.add_argument("--prompt-sampling", choices=PROMPT_SAMPLINGS, default="uniform",
                    help="uniform: tumor/TIL combination (class) uniformly, summary of a slide "
                         "drawn uniformly over slides, as the paper; data: a random real patch's "
@@ -106,7 +115,8 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="split store whose patches/summaries give the captions")
     p.add_argument("--split-name", default=None, help="label of the prompt split "
                    "(default: the store's 'split' attribute)")
-    p.add_argument("--scale", type=float, default=1.75, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=non_negative_float, default=1.75,
+                   help="classifier-free guidance scale")
     p.add_argument("--outdir", required=True, type=Path, help="folder for PNGs and metadata")
     p.add_argument("--shard", default="0/1", help="i/n: generate indices with index %% n == i "
                    "(with --format store: the parts with part %% n == i)")
@@ -134,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ref-stats", **kw, help="reference statistics of real images")
     p.add_argument("--images", required=True, type=Path, help="split store (.h5) or image folder")
     p.add_argument("--out", required=True, type=Path, help="output .npz (pytorch-fid format)")
-    p.add_argument("--n", type=int, default=None, help="random subset of this many images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset")
-    p.add_argument("--center-crop", type=int, default=None, help="centre crop to this size first")
-    p.add_argument("--resize", type=int, default=None,
+    p.add_argument("--n", type=positive_int, default=None, help="random subset of this many images")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the subset")
+    p.add_argument("--center-crop", type=positive_int, default=None,
+                   help="centre crop to this size first")
+    p.add_argument("--resize", type=positive_int, default=None,
                    help="bicubic resize (e.g. 299); the network resizes to 299 bilinearly anyway")
     p.add_argument("--no-features", action="store_true",
                    help="do not keep raw features (KID against these statistics impossible)")
@@ -152,8 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference .npz (ref-stats), split store or image folder")
     p.add_argument("--samples", required=True, nargs="+", type=Path, help="generated folders")
     p.add_argument("--out", type=Path, default=Path("fid_results.json"), help="JSON results")
-    p.add_argument("--center-crop", type=int, default=None, help="centre crop (images only)")
-    p.add_argument("--resize", type=int, default=None, help="bicubic resize (images only)")
+    p.add_argument("--center-crop", type=positive_int, default=None,
+                   help="centre crop (images only)")
+    p.add_argument("--resize", type=positive_int, default=None,
+                   help="bicubic resize (images only)")
     _add_inception_args(p)
 
     p = sub.add_parser("sweep", **kw, help="guidance-scale sweep (generate+score)")
@@ -161,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref", required=True, type=Path, help="reference .npz, store or folder")
     p.add_argument("--train-store", type=Path, default=None, help="train split store (prompts)")
     p.add_argument("--test-store", type=Path, default=None, help="held-out split store (prompts)")
-    p.add_argument("--scales", type=float, nargs="+",
+    p.add_argument("--scales", type=non_negative_float, nargs="+",
                    default=[0.1, 0.5, 1.0, 1.5, 1.75, 2.0, 2.5, 3.0], help="guidance scales")
     p.add_argument("--outdir", required=True, type=Path, help="folder of scale_*/<split>/ runs")
     p.add_argument("--out", type=Path, default=None,
@@ -189,6 +202,7 @@ def cmd_ref_stats(args: argparse.Namespace) -> dict[str, Any]:
     """Write reference statistics of real images."""
     if args.out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {args.out}")
+    open_images(args.images, transform=pil_transform(args.center_crop, args.resize))  # check first
     model = _inception(args)
     feats = _features(model, args.images, args, n=args.n, seed=args.seed)
     mu, sigma = feature_statistics(feats)
@@ -216,6 +230,7 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
     from ldm.checkpoint import load_model
     from ldm.evaluation.sampling import (
         caption_plan,
+        check_steps,
         conditioning_kind,
         generate_to_folder,
         warn_long_prompts,
@@ -228,6 +243,7 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
     if loaded is None:
         loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
     model = loaded.model.to(device)
+    check_steps(model, args.steps)
     kind = conditioning_kind(model)
     args.outdir.mkdir(parents=True, exist_ok=True)
     settings = {"checkpoint": str(loaded.checkpoint_path.resolve()), "weights": loaded.weights,
@@ -383,11 +399,22 @@ def render(rows: Sequence[dict[str, Any]], dims: int) -> str:
     return flat + "\n\n" + format_table(headers, table)
 
 
+def _check_sources(args: argparse.Namespace, folders: Sequence[Path]) -> None:
+    """Read the reference statistics and list every image source before any network runs."""
+    if args.ref.suffix == ".npz":
+        load_statistics(args.ref)
+    else:
+        open_images(args.ref, transform=pil_transform(args.center_crop, args.resize))
+    for folder in folders:
+        open_images(folder, transform=pil_transform(args.center_crop, args.resize))
+
+
 def cmd_score(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Score generated folders and write JSON + table."""
     for folder in args.samples:
         if not folder.is_dir():
             raise FileNotFoundError(f"samples folder not found: {folder}")
+    _check_sources(args, args.samples)
     rows = score_folders(_inception(args), args, args.samples)
     _report(rows, args, args.out)
     return rows
@@ -428,8 +455,11 @@ def cmd_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: Sequence[str] | None = None) -> Any:
     """Entry point."""
+    from ldm.checkpoint import set_trust
+
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
+    set_trust(getattr(args, "trust_checkpoint", False))
     commands = {"ref-stats": cmd_ref_stats, "generate": cmd_generate, "score": cmd_score,
                 "sweep": cmd_sweep}
     return commands[args.command](args)

@@ -28,6 +28,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from ldm.argtypes import (  # noqa: E402
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    seed_int,
+    unit_float,
+)
 from ldm.evaluation.cli import (  # noqa: E402
     add_checkpoint_args,
     configure_logging,
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--til", choices=("low", "high"), default=None, help="TIL level")
     c.add_argument("--summary", default=None,
                    help="slide summary for the training caption (needs --tumor and --til)")
-    c.add_argument("--class-label", type=int, action="append", default=[],
+    c.add_argument("--class-label", type=non_negative_int, action="append", default=[],
                    help="class-conditional models: label 0-3 (repeatable)")
     c.add_argument("--all-levels", action="store_true",
                    help="the four tumor/TIL combinations of one --summary (class models: the "
@@ -70,13 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     add_checkpoint_args(m)
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0, deterministic)")
-    s.add_argument("--scale", type=float, default=1.75,
+    s.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
+    s.add_argument("--eta", type=unit_float, default=0.0,
+                   help="DDIM eta in [0, 1] (default: 0, deterministic)")
+    s.add_argument("--scale", type=non_negative_float, default=1.75,
                    help="classifier-free guidance scale (default: 1.75, the paper's)")
-    s.add_argument("--n", type=int, default=4, help="images per prompt (default: 4)")
-    s.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
-    s.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    s.add_argument("--n", type=positive_int, default=4, help="images per prompt (default: 4)")
+    s.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per batch (default: 4)")
+    s.add_argument("--seed", type=seed_int, default=0, help="base seed (default: 0)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     o = p.add_argument_group("output")
     o.add_argument("--outdir", type=Path, default=Path("outputs/samples"),
@@ -180,10 +189,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from ldm.checkpoint import load_model
+    from ldm.checkpoint import load_model, set_trust
     from ldm.evaluation.grids import labelled_grid
     from ldm.evaluation.images import make_grid, save_png, write_json
     from ldm.evaluation.sampling import (
+        check_steps,
         conditioning_kind,
         generate_to_folder,
         tumor_til_conditions,
@@ -192,11 +202,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    if args.n < 1 or args.batch_size < 1 or args.steps < 1:
-        raise ValueError("--n, --batch-size and --steps must be positive")
+    set_trust(args.trust_checkpoint)
     device = resolve_device(args.device)
     loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
     model = loaded.model.to(device)
+    check_steps(model, args.steps)
     kind = conditioning_kind(model)
     conds = conditions(args, kind)
     if kind == "text":

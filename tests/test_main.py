@@ -223,15 +223,30 @@ def test_tiny_training_run_writes_the_run_directory(tmp_path, fixed_timestamp, t
     assert "val/loss_ema" in (run / "csv" / fixed_timestamp / "metrics.csv").read_text()
 
 
+def _losses(run: Path) -> dict[int, str]:
+    """``train/loss_step`` by step from every session's CSV log of a run directory."""
+    import csv
+
+    out = {}
+    for path in sorted((run / "csv").glob("*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss_step"):
+                    out[int(row["step"])] = row["train/loss_step"]
+    return out
+
+
 def test_resume_from_last_ckpt_reaches_identical_parameters(tmp_path, fixed_timestamp,
-                                                            tiny_clip_dir):
+                                                            tiny_clip_dir, monkeypatch):
     """6 uninterrupted steps == stop mid-epoch at 2, resume, stop mid-epoch at 5, resume to 6.
 
     Epochs of 4 batches with random crops, flips and caption dropout: the resumed runs must see
-    the same samples with the same random choices and the same diffusion noise.
+    the same samples with the same random choices and the same diffusion noise. The run uses a
+    non-default seed (-s 7) that the resumed sessions are not given: they must take it from the
+    checkpoint. Losses and weights are compared exactly.
     """
     cfg = tiny_config(tmp_path, tiny_clip_dir, n_patches=16)
-    common = ["--base", str(cfg), "-t", "--accelerator", "cpu",
+    common = ["--base", str(cfg), "-t", "--accelerator", "cpu", "-s", "7",
               "lightning.callbacks.image_logger.params.disabled=true",
               "lightning.modelcheckpoint.params.every_n_train_steps=3"]
     assert main.main([*common, "-l", str(tmp_path / "a"), "lightning.trainer.max_steps=6"]) == 0
@@ -241,10 +256,15 @@ def test_resume_from_last_ckpt_reaches_identical_parameters(tmp_path, fixed_time
     assert _load(last_b)["global_step"] == 2
     assert _load(last_b)["TCGAPatchData"] == {"epoch": 0, "batches": 2}
     for steps in (5, 6):
+        monkeypatch.setenv(RUN_TIMESTAMP_ENV, f"2024-01-02T03-05-0{steps}")  # own CSV log
         assert main.main(["-r", str(run_b), "-t", "--accelerator", "cpu",
                           f"lightning.trainer.max_steps={steps}"]) == 0
-    a = _load(tmp_path / "a" / f"{fixed_timestamp}_tiny" / "checkpoints" / "last.ckpt")
+    run_a = tmp_path / "a" / f"{fixed_timestamp}_tiny"
+    a = _load(run_a / "checkpoints" / "last.ckpt")
     b = _load(last_b)
+    assert a["config"]["lightning"]["run"]["seed"] == b["config"]["lightning"]["run"]["seed"] == 7
+    losses_a, losses_b = _losses(run_a), _losses(run_b)
+    assert len(losses_a) == 6 and losses_a == losses_b
     assert a["global_step"] == b["global_step"] == 6
     assert a["TCGAPatchData"] == b["TCGAPatchData"] == {"epoch": 1, "batches": 2}
     assert a["state_dict"].keys() == b["state_dict"].keys()
@@ -254,6 +274,8 @@ def test_resume_from_last_ckpt_reaches_identical_parameters(tmp_path, fixed_time
                       b["optimizer_states"][0]["state"].values()):
         assert all(torch.equal(sa[n], sb[n]) for n in sa)
     assert a["lr_schedulers"] == b["lr_schedulers"]
+    # main.py's checkpoints need nothing beyond torch's weights-only defaults
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(last_b) == []
 
 
 def test_ddp_two_cpu_processes(tmp_path, tiny_clip_dir):

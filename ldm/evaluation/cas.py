@@ -131,7 +131,9 @@ def resnet34(num_classes: int = 2, weights: str | Path | None = None) -> nn.Modu
 
     model = torchvision.models.resnet34(weights=None)
     if weights is not None:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        from ldm.checkpoint import load_torch_file
+
+        sd = load_torch_file(weights, trust=False)
         try:
             model.load_state_dict(sd)
         except RuntimeError as e:

@@ -28,6 +28,14 @@ def add_checkpoint_args(group: Any) -> None:
                             "for released checkpoints)")
     group.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                        help="EMA or raw weights (auto: EMA when the checkpoint has them)")
+    add_trust_arg(group)
+
+
+def add_trust_arg(group: Any) -> None:
+    """``--trust-checkpoint``: allow full-pickle checkpoint loads (off: weights-only)."""
+    group.add_argument("--trust-checkpoint", action="store_true",
+                       help="load checkpoints that a weights-only load refuses as full pickles; "
+                            "this can run arbitrary code: only for files you trust")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

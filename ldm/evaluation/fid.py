@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,10 +68,9 @@ def resolve_inception_state_dict(weights: str | Path | None = None,
             except Exception as e:  # offline, proxy, partial file: all get the same advice
                 raise InceptionWeightsNotFound(
                     _missing_weights_message(path, f"download failed: {e}")) from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable Inception state_dict: {e}") from e
+    from ldm.checkpoint import load_torch_file
+
+    sd = load_torch_file(path, trust=False)  # plain tensors: never a full pickle
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: expected a state_dict (mapping of tensors), got {type(sd)}")
     return dict(sd)
@@ -229,11 +229,27 @@ def load_statistics(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file not found: {path}")
-    with np.load(path) as f:
-        missing = [k for k in ("mu", "sigma") if k not in f]
-        if missing:
-            raise KeyError(f"{path}: missing {missing} (expected pytorch-fid npz with mu, sigma)")
-        mu, sigma = f["mu"][:], f["sigma"][:]
+    try:
+        with np.load(path) as f:
+            missing = [k for k in ("mu", "sigma") if k not in f]
+            if missing:
+                raise KeyError(f"{path}: missing {missing} (expected pytorch-fid npz with mu, "
+                               "sigma)")
+            mu, sigma = f["mu"][:], f["sigma"][:]
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable statistics file ({path.stat().st_size} bytes; "
+                         f"expected pytorch-fid's .npz with mu, sigma): {e}") from None
+    d = mu.shape[0] if mu.ndim == 1 else -1
+    if d < 1 or sigma.shape != (d, d) or not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a finite mean "
+                         "vector (d,) and covariance (d, d)")
     fpath = features_path(path)
-    features = np.load(fpath) if fpath.is_file() else None
+    features = None
+    if fpath.is_file():
+        try:
+            features = np.load(fpath)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{fpath}: not a readable features file (.npy): {e}") from None
+        if features.ndim != 2 or features.shape[1] != d:
+            raise ValueError(f"{fpath}: features {features.shape} do not match mu ({d} dims)")
     return mu, sigma, features

@@ -269,9 +269,34 @@ class PartitionDataset(Dataset):
         return pil_to_tensor(img)
 
 
+def check_one_size(folder: Path, files: Sequence[Path]) -> None:
+    """Refuse a folder of images of several sizes, naming the sizes found.
+
+    Features are computed as pytorch-fid does, on the images as they are; resizing some of them
+    silently would change the score, so a resize must be asked for (``--resize``).
+    """
+    sizes: dict[tuple[int, int], list[Path]] = {}
+    for f in files:
+        try:
+            with Image.open(f) as img:  # reads the header only
+                size = img.size
+        except Exception as e:
+            raise ValueError(f"cannot read image {f}: {e}") from e
+        sizes.setdefault(size, []).append(f)
+    if len(sizes) > 1:
+        found = "; ".join(f"{w}x{h}: {len(fs)} (e.g. {fs[0].name})"
+                          for (w, h), fs in sorted(sizes.items(), key=lambda kv: -len(kv[1])))
+        raise ValueError(f"{folder}: images of {len(sizes)} sizes ({found}); pass --resize N "
+                         "(bicubic) or --center-crop N to compare them at one size")
+
+
 def open_images(path: str | Path, n: int | None = None, seed: int = 0,
-                transform: PilTransform | None = None) -> ImageDataset:
-    """Images of a split store or a folder; ``n`` draws a seeded random subset (kept in order)."""
+                transform: PilTransform | None = None, one_size: bool = True) -> ImageDataset:
+    """Images of a split store or a folder; ``n`` draws a seeded random subset (kept in order).
+
+    A folder of images of several sizes is refused unless a ``transform`` is given or
+    ``one_size`` is False (for consumers that take images one by one).
+    """
     path = Path(path)
     if is_store(path):
         source: SplitStore | list[Path] = SplitStore(path)
@@ -280,8 +305,13 @@ def open_images(path: str | Path, n: int | None = None, seed: int = 0,
     else:
         raise FileNotFoundError(f"{path}: neither an image folder nor a split store (.h5)")
     total = len(source)
+    if total == 0 and isinstance(source, SplitStore):
+        raise ValueError(f"{path}: the split store holds no images (0 rows in 'images'); "
+                         "rebuild it with python -m data_prep.build_dataset")
     if total == 0:
         raise ValueError(f"{path}: no images found (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+    if one_size and transform is None and isinstance(source, list):
+        check_one_size(path, source)
     indices = None
     if n is not None and n < total:
         rng = np.random.default_rng(seed)

@@ -159,6 +159,14 @@ def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Se
     return to_uint8(model.decode_first_stage(samples))
 
 
+def check_steps(model: Any, steps: int) -> None:
+    """DDIM needs 1 <= ``steps`` <= the model's diffusion timesteps (one-line error otherwise)."""
+    total = int(getattr(model, "num_timesteps", 0) or 0)
+    if total and not 1 <= steps <= total:
+        raise ValueError(f"--steps {steps}: the model has {total} diffusion timesteps, so DDIM "
+                         f"takes 1 to {total} steps")
+
+
 def make_sampler(model: Any) -> Any:
     """A ``DDIMSampler`` for ``model``."""
     from ldm.models.diffusion.ddim import DDIMSampler
