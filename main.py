@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.argtypes import positive_int, seed_int
 from ldm.callbacks import ImageLogger  # noqa: F401  (CompVis configs name main.ImageLogger)
+from ldm.config_check import config_problems
 from ldm.trainer_setup import (
     DEFAULT_SEED,
     ConfigError,
@@ -177,7 +178,11 @@ def run(opt: argparse.Namespace, overrides: Sequence[str],
 
     set_trust(opt.trust_checkpoint)
     run_paths = resolve_run(opt.base, opt.resume, opt.name, opt.postfix, opt.logdir)
-    config = load_config([*run_paths.resumed_configs, *opt.base], overrides)
+    files = [*run_paths.resumed_configs, *opt.base]
+    config = load_config(files, overrides)
+    problems = config_problems(config, files, overrides)  # before anything is built
+    if problems:
+        raise ConfigError(format_problems(problems))
     lightning_cfg = config.pop("lightning", OmegaConf.create())
     previous = lightning_cfg.pop("run", None)  # record of the previous session
     opt.seed = _seed(opt.seed, run_paths, previous)

@@ -343,7 +343,9 @@ def path_problems(config: DictConfig) -> list[str]:
 
 
 def format_problems(problems: Sequence[str]) -> str:
-    """One readable block for stderr."""
+    """One line for one problem, else one readable block for stderr."""
+    if len(problems) == 1:
+        return f"cannot start: {problems[0]}"
     return "cannot start:\n" + "\n".join(f"  - {p}" for p in problems)
 
 

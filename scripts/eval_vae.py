@@ -121,10 +121,11 @@ def _config(path: Path) -> dict[str, Any]:
 def _datasets(args: argparse.Namespace) -> list[tuple[str, int | None, Any]]:
     """``(mode, size, dataset)`` per table row: whole images, centre crops or partitions."""
     if args.partition:
-        whole = open_images(args.data, n=args.n, seed=args.seed, one_size=False)
+        whole = open_images(args.data, n=args.n, seed=args.seed)
         return [("partition", s, PartitionDataset(whole, s)) for s in args.partition]
     return [("centre" if c else "whole", c, open_images(args.data, n=args.n, seed=args.seed,
-                                                         transform=pil_transform(center_crop=c)))
+                                                         transform=pil_transform(center_crop=c),
+                                                         one_size=True))
             for c in args.crop or [None]]
 
 

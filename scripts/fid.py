@@ -192,7 +192,7 @@ def _inception(args: argparse.Namespace) -> Any:
 def _features(model: Any, path: Path, args: argparse.Namespace, n: int | None = None,
               seed: int = 0) -> Any:
     dataset = open_images(path, n=n, seed=seed,
-                          transform=pil_transform(args.center_crop, args.resize))
+                          transform=pil_transform(args.center_crop, args.resize), one_size=True)
     logger.info("%s: %d images", path, len(dataset))
     return extract_features(model, dataset, batch_size=args.fid_batch_size,
                             num_workers=args.num_workers, desc=path.name)
@@ -202,7 +202,8 @@ def cmd_ref_stats(args: argparse.Namespace) -> dict[str, Any]:
     """Write reference statistics of real images."""
     if args.out.suffix != ".npz":
         raise ValueError(f"--out must end in .npz, got {args.out}")
-    open_images(args.images, transform=pil_transform(args.center_crop, args.resize))  # check first
+    open_images(args.images, transform=pil_transform(args.center_crop, args.resize),
+                one_size=True)  # every input checked before the network loads
     model = _inception(args)
     feats = _features(model, args.images, args, n=args.n, seed=args.seed)
     mu, sigma = feature_statistics(feats)
@@ -404,9 +405,10 @@ def _check_sources(args: argparse.Namespace, folders: Sequence[Path]) -> None:
     if args.ref.suffix == ".npz":
         load_statistics(args.ref)
     else:
-        open_images(args.ref, transform=pil_transform(args.center_crop, args.resize))
+        open_images(args.ref, transform=pil_transform(args.center_crop, args.resize),
+                    one_size=True)
     for folder in folders:
-        open_images(folder, transform=pil_transform(args.center_crop, args.resize))
+        open_images(folder, transform=pil_transform(args.center_crop, args.resize), one_size=True)
 
 
 def cmd_score(args: argparse.Namespace) -> list[dict[str, Any]]:

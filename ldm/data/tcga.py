@@ -299,12 +299,32 @@ def _global_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def store_problem(path: str | Path, split: str = "train") -> str | None:
+    """Why ``path`` cannot serve as a ``split`` store (None when it can): cheap, metadata only."""
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in REQUIRED_DATASETS if k not in f]
+            n = len(f["images"]) if "images" in f else 0
+    except OSError as e:
+        return f"{path} is not a readable HDF5 store: {' '.join(str(e).split())}"
+    if missing:
+        return (f"{path} is not a training store (docs/data_format.md §3): missing datasets "
+                f"{missing}")
+    if n == 0:
+        return (f"{path} is an empty store (0 patches): nothing to {split} on; rebuild it with "
+                "python -m data_prep.build_dataset")
+    return None
+
+
 class TCGAPatchData(pl.LightningDataModule):
     """Train/validation/test loaders over TCGA patch stores.
 
     ``train``, ``validation`` and ``test`` are :class:`TCGAPatchDataset` arguments (or a
     ``{target, params}`` dataset config). Memory pinning is on only when training on CUDA.
     """
+
+    config_schema = {"train": TCGAPatchDataset, "validation": TCGAPatchDataset,
+                     "test": TCGAPatchDataset}  # keys of these mappings: its parameters
 
     def __init__(self, batch_size: int, train: Mapping[str, Any] | None = None,
                  validation: Mapping[str, Any] | None = None,

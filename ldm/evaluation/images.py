@@ -291,11 +291,11 @@ def check_one_size(folder: Path, files: Sequence[Path]) -> None:
 
 
 def open_images(path: str | Path, n: int | None = None, seed: int = 0,
-                transform: PilTransform | None = None, one_size: bool = True) -> ImageDataset:
+                transform: PilTransform | None = None, one_size: bool = False) -> ImageDataset:
     """Images of a split store or a folder; ``n`` draws a seeded random subset (kept in order).
 
-    A folder of images of several sizes is refused unless a ``transform`` is given or
-    ``one_size`` is False (for consumers that take images one by one).
+    With ``one_size`` (for consumers that batch images), a folder of images of several sizes
+    is refused unless a ``transform`` makes them one size.
     """
     path = Path(path)
     if is_store(path):
