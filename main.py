@@ -34,6 +34,7 @@ from ldm.trainer_setup import (
     ConfigError,
     Hardware,
     RunPaths,
+    atomic_checkpoint_io,
     device_problems,
     format_problems,
     hand_accumulation_to_model,
@@ -139,6 +140,7 @@ def _build_trainer(config: DictConfig, lightning_cfg: DictConfig, hw: Hardware, 
     kwargs = trainer_kwargs(OmegaConf.to_container(lightning_cfg.get("trainer", {}),
                                                    resolve=True), hw)
     loggers = _loggers(lightning_cfg, run)
+    kwargs.setdefault("plugins", [atomic_checkpoint_io()])
     kwargs.update(logger=loggers or False, default_root_dir=str(run.logdir),
                   callbacks=_callbacks(config, lightning_cfg, run, seed, saved_lightning,
                                        bool(loggers)))

@@ -441,3 +441,30 @@ def run_seed(explicit: int | None, saved: int | None) -> int:
         logger.info("seed %d (the resumed run's)", saved)
         return saved
     return DEFAULT_SEED
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def atomic_checkpoint_io() -> Any:
+    """Lightning checkpoint IO that writes ``.NAME.PID.tmp`` next to the target, then renames it.
+
+    Lightning's own IO stages the file in the system temporary directory and moves it into place,
+    which is a copy (not atomic) when the run directory is on another filesystem; a rename within
+    the directory is atomic, so a SIGKILL never leaves a partial ``last.ckpt``.
+    """
+    from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                            storage_options: Any | None = None) -> None:
+            if storage_options is not None or "://" in str(path):
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                torch.save(checkpoint, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    return AtomicCheckpointIO()
