@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Keys main.py reads in each top-level section (``lightning.run`` records earlier sessions).
 SECTIONS = {
-    "model": ("target", "params", "base_learning_rate"),
+    "model": ("target", "params", "base_learning_rate", "scale_lr"),
     "data": ("target", "params"),
     "lightning": ("trainer", "modelcheckpoint", "callbacks", "loggers", "run"),
 }
@@ -253,9 +253,12 @@ def config_problems(config: DictConfig, files: Sequence[str | Path],
             _unknown(ctx, name, "the config", name, list(SECTIONS))
     for section in ("model", "data"):
         check_node(ctx, section, plain.get(section), extra=SECTIONS[section][2:])
-    lr = (plain.get("model") or {}).get("base_learning_rate", 1.0)
+    model = plain.get("model") or {}
+    lr = model.get("base_learning_rate", 1.0)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
         ctx.add("model.base_learning_rate", f"{lr!r} is not a positive number")
+    if not isinstance(model.get("scale_lr", False), bool):
+        ctx.add("model.scale_lr", f"{model['scale_lr']!r} is not true or false")
     lightning = plain.get("lightning") or {}
     for name in lightning:
         if name not in SECTIONS["lightning"]:

@@ -11,6 +11,7 @@ from tcga_store import random_store
 from tiny_ldm import tiny_model_config
 
 import main
+from ldm.config import merge_configs
 from ldm.config_check import config_problems
 from ldm.data.tcga import REQUIRED_DATASETS
 
@@ -23,7 +24,7 @@ def test_every_shipped_config_passes(path):
     cfg = OmegaConf.load(path)
     files = [path] if "target" in cfg.get("model", {}) else [ROOT / "configs" / "pathldm.yaml",
                                                             path]
-    merged = OmegaConf.merge(*[OmegaConf.load(f) for f in files])
+    merged = merge_configs(*[OmegaConf.load(f) for f in files])  # as main.py merges them
     assert config_problems(merged, files, []) == []
 
 
