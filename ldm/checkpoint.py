@@ -27,6 +27,10 @@ EMA_BOOKKEEPING = ("decay", "num_updates")
 # PathLDM's track_fid built an Inception inside the model; old transformers saved position_ids.
 IGNORED_PREFIXES = ("inception.",)
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# numpy dtypes whose classes a weights-only load may meet (callback and loop states)
+NUMPY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
+TRUST_FLAG = "--trust-checkpoint"
+_trusted = False  # set by set_trust(); full-pickle loads only when True
 
 ConfigSource = str | Path | Mapping | Sequence[str | Path] | None
 
@@ -82,10 +86,6 @@ def _allowed_globals() -> list[Any]:
     numpy += [np.dtype, np.ndarray] + [type(np.dtype(t)) for t in NUMPY_DTYPES]
     return marker + numpy
 
-
-NUMPY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
-TRUST_FLAG = "--trust-checkpoint"
-_trusted = False
 
 
 def set_trust(enabled: bool) -> None:
