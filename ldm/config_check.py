@@ -38,6 +38,7 @@ class _Context:
         self.problems: list[str] = []
 
     def origin(self, key: str) -> str:
+        """``command line``, the last file that sets ``key``, or ``merged config``."""
         if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in self.cli):
             return "command line"
         for name, cfg in reversed(self.files):
@@ -49,10 +50,12 @@ class _Context:
         return "merged config"
 
     def add(self, key: str, message: str) -> None:
+        """Record one problem line for ``key``."""
         self.problems.append(f"{key} ({self.origin(key)}): {message}")
 
 
 def _closest(name: str, valid: Sequence[str]) -> str:
+    """``; did you mean 'x'?`` (difflib), else the valid names."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{close[0]}'?"
