@@ -86,6 +86,7 @@ def _vq(accumulate: int = 1, lr: float = 1e-3, disc_start: int = 0, sgd: bool = 
     return model
 
 
+@pytest.mark.slow  # two Lightning fits; the config tests above guard the recipe
 def test_accumulating_two_batches_equals_one_double_batch():
     """Two batches of 2 with accumulation 2 step the autoencoder exactly like one batch of 4.
 
