@@ -32,6 +32,13 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 
 logger = logging.getLogger("demo")
 LDM_CONFIG = ROOT / "configs" / "demo" / "ldm_tiny.yaml"
+DEMO_GUIDANCE = 1.75
+
+
+# Explicit tiling (not data_prep's defaults, which may change): 64-px tiles at 10x, the LDM's
+# training size, so the stand-in tumor/TIL labels are computed on exactly the image the model
+# sees (labels of larger tiles only loosely describe a random 64-px crop of them).
+DEMO_TILING = {"magnification": 10.0, "tile_size": 64, "stride": 32, "min_tissue": 0.25}
 
 
 def prepare_data(out: Path) -> Path:
@@ -40,7 +47,7 @@ def prepare_data(out: Path) -> Path:
 
     train = out / "dataset" / "train.h5"
     if not train.is_file():
-        run_demo(out)
+        run_demo(out, **DEMO_TILING)
     return train
 
 
@@ -124,27 +131,33 @@ def train_ldm(store: Path, vq: Path, text: Path, logdir: Path, steps: int, seed:
     return max(set(logdir.glob("*_demo")) - before)
 
 
-def sample(run: Path, store: Path, out: Path, n: int, steps: int, seed: int) -> Path:
-    """Four training-format captions (tumor x TIL) with the slide's summary -> scripts/sample.py."""
+def sample(run: Path, store: Path, out: Path, n: int, steps: int, scale: float,
+           seed: int) -> Path:
+    """The four tumor/TIL captions with the slide's summary, the same seeds in every row.
+
+    ``scripts/sample.py --all-levels``: grid.png has one labelled row per combination.
+    """
     import h5py
 
     with h5py.File(store, "r") as f:
         summary = f["summaries"].asstr()[0, 0]
-    prompts = out.with_suffix(".txt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(f"{t} tumor; {l} til; {summary}\n"
-                               for t in ("low", "high") for l in ("low", "high")),
-                       encoding="utf-8")
     subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(run),
-                    "--prompt-file", str(prompts), "--n", str(n), "--batch-size", str(n),
-                    "--steps", str(steps), "--seed", str(seed), "--device", "cpu",
-                    "--outdir", str(out)], check=True)
+                    "--all-levels", "--summary", summary, "--n", str(n),
+                    "--batch-size", str(n), "--steps", str(steps), "--scale", str(scale),
+                    "--seed", str(seed), "--device", "cpu", "--outdir", str(out)], check=True)
     return out / "grid.png"
+
+
+def check_adherence(store: Path, samples: Path) -> dict:
+    """Do the captions steer the samples? Real vs generated level gaps, JSON + labelled grid."""
+    from ldm.evaluation.adherence import check_adherence as check
+
+    return check(store, samples, samples / "adherence.json")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    from ldm.argtypes import positive_int, seed_int
+    from ldm.argtypes import non_negative_float, positive_int, seed_int
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,10 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="VQ training steps (batch 16 of 32x32 crops)")
     p.add_argument("--ldm-steps", type=positive_int, default=400,
                    help="LDM training steps (batch 16)")
-    p.add_argument("--n", type=positive_int, default=4, help="samples per caption")
+    p.add_argument("--n", type=positive_int, default=12,
+                   help="samples per tumor/TIL caption (the adherence check's sample size)")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps")
+    p.add_argument("--scale", type=non_negative_float, default=DEMO_GUIDANCE,
+                   help="classifier-free guidance scale of the samples")
     p.add_argument("--seed", type=seed_int, default=0)
     args = p.parse_args(argv)
+    from ldm.evaluation.adherence import format_report
+
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = args.out.resolve()
@@ -176,14 +194,18 @@ def main(argv: list[str] | None = None) -> int:
         run = timed("LDM training", train_ldm, store, vq, text, out / "logs", args.ldm_steps,
                     args.seed)
         grid = timed("sampling", sample, run, store, out / "samples", args.n,
-                     args.sample_steps, args.seed)
-    except (RuntimeError, subprocess.CalledProcessError, FileNotFoundError) as e:
+                     args.sample_steps, args.scale, args.seed)
+        report = timed("adherence check", check_adherence, store, out / "samples")
+    except (RuntimeError, ValueError, subprocess.CalledProcessError, FileNotFoundError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
     print(f"\nPathLDM demo finished in {time.time() - start:.0f} s")
     for name, seconds in times.items():
         print(f"  {name:<18} {seconds:6.1f} s")
-    print(f"checkpoint: {run / 'checkpoints' / 'last.ckpt'}\nsamples:    {grid}")
+    print(format_report(report))
+    print(f"checkpoint: {run / 'checkpoints' / 'last.ckpt'}\n"
+          f"samples:    {grid} (one row per tumor/TIL combination)\n"
+          f"adherence:  {out / 'samples' / 'adherence.json'}")
     print(f"more:       python scripts/sample.py --ckpt {run} --tumor high --til high "
           f"--summary \"...\" --n 8 --outdir {out / 'more_samples'}")
     return 0

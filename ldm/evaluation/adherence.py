@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 LEVELS = ("low", "high")
 # target -> (statistic, column of hematoxylin_stats)
 TARGETS = {"tumor": ("hematoxylin_od_mean", 0), "til": ("hematoxylin_od_contrast", 1)}
-COMBINATIONS = tuple((tumor, til) for tumor in LEVELS for til in LEVELS)
 
 
 def center_crop(image: np.ndarray, size: int | None) -> np.ndarray:
@@ -144,20 +143,3 @@ def check_adherence(store: str | Path, samples: str | Path, out_json: str | Path
         write_json(report, out_json)
     return report
 
-
-def save_level_grid(samples: str | Path, path: str | Path | None = None,
-                    max_per_row: int = 12) -> Path:
-    """A labelled grid with one row per tumor/TIL combination of a sample folder.
-
-    Written to ``path`` (default ``grid_levels.png`` next to the folder's ``grid.png``).
-    """
-    from ldm.evaluation.images import make_labelled_grid, save_png
-
-    records = read_sample_folder(samples)
-    rows = [(f"{tumor} tumor, {til} TIL",
-             [r["pixels"] for r in records if (r["tumor"], r["til"]) == (tumor, til)])
-            for tumor, til in COMBINATIONS]
-    path = Path(samples) / "grid_levels.png" if path is None else Path(path)
-    save_png(make_labelled_grid([(label, images[:max_per_row]) for label, images in rows
-                                 if images]), path)
-    return path
