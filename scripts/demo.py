@@ -7,7 +7,10 @@ Runs, offline and with no pretrained weights:
   3. a tiny VQ-f4 first stage, trained briefly on the demo patches (pixel L1 + codebook loss);
   4. a tiny text-conditioned LDM (configs/demo/ldm_tiny.yaml) trained with main.py;
   5. DDIM samples with classifier-free guidance for the four tumor/TIL captions, made with
-     scripts/sample.py from the run's last.ckpt.
+     scripts/sample.py --all-levels from the run's last.ckpt (grid.png: one row per caption);
+  6. the caption-adherence check (ldm.evaluation.adherence): how far the tumor and TIL levels
+     of the captions move the samples' stand-in statistics, against the real patches' gap;
+     printed and written to samples/adherence.json.
 
 Everything goes to --out (default outputs/demo); finished stages are skipped on a rerun.
 The tiny model only shows the pipeline working end to end: expect blurry H&E-coloured
@@ -149,7 +152,7 @@ def sample(run: Path, store: Path, out: Path, n: int, steps: int, scale: float,
 
 
 def check_adherence(store: Path, samples: Path) -> dict:
-    """Do the captions steer the samples? Real vs generated level gaps, JSON + labelled grid."""
+    """Do the captions steer the samples? Real vs generated level gaps, also as JSON."""
     from ldm.evaluation.adherence import check_adherence as check
 
     return check(store, samples, samples / "adherence.json")
