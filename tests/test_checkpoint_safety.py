@@ -201,3 +201,15 @@ def test_sigkill_during_checkpoint_saves_leaves_a_loadable_last_ckpt(tmp_path):
     ckpt = read_checkpoint(target)
     step = float(ckpt["global_step"])
     assert torch.equal(ckpt["state_dict"]["w"], torch.full((4_000_000,), step))
+
+
+def test_cas_and_inception_weights_use_the_same_loader(tmp_path):
+    from ldm.evaluation.cas import resnet34
+    from ldm.evaluation.fid import resolve_inception_state_dict
+
+    bad = tmp_path / "weights.pth"
+    bad.write_bytes(b"PK\x03\x04 not a whole file")
+    for load in (lambda: resnet34(weights=bad), lambda: resolve_inception_state_dict(bad)):
+        with pytest.raises(CheckpointError) as err:
+            load()
+        assert str(bad) in str(err.value) and "\n" not in str(err.value)
