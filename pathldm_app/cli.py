@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ldm.argtypes import float_in, int_in, positive_int, seed_int
+
 logger = logging.getLogger("pathldm_app")
 
 EXAMPLES = """examples:
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", choices=("auto", "ema", "raw"), default="auto",
                    help="EMA or raw weights (auto: EMA when the checkpoint has them)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--batch-size", type=int, default=4, help="images per batch (default: 4)")
+    g.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per batch (default: 4)")
     d = p.add_argument_group("data")
     d.add_argument("--store", type=Path, default=None,
                    help="split store (.h5): real images of the study, slide summaries to pick")
@@ -40,20 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reports", type=Path, default=None, help="reports CSV or folder of .txt")
     d.add_argument("--summaries", type=Path, default=None, help="summaries JSONL to review")
     s = p.add_argument_group("study and review")
-    s.add_argument("--study-n", type=int, default=20,
+    s.add_argument("--study-n", type=positive_int, default=20,
                    help="real and as many synthetic images (per stratum with --stratify)")
-    s.add_argument("--study-seed", type=int, default=0, help="seed of the study plan")
+    s.add_argument("--study-seed", type=seed_int, default=0, help="seed of the study plan")
     s.add_argument("--stratify", action="store_true", help="balance per tumor/TIL stratum")
-    s.add_argument("--review-fraction", type=float, default=0.05,
+    s.add_argument("--review-fraction", type=float_in(0.0, 1.0, lo_open=True), default=0.05,
                    help="share of reports to review (default: 0.05)")
-    s.add_argument("--review-seed", type=int, default=0, help="seed of the review sample")
+    s.add_argument("--review-seed", type=seed_int, default=0, help="seed of the review sample")
     w = p.add_argument_group("server")
     w.add_argument("--workdir", type=Path, default=Path("outputs/app"),
                    help="database and generated jobs (default: outputs/app)")
     w.add_argument("--db", type=Path, default=None,
                    help="SQLite file (default: WORKDIR/app.sqlite)")
     w.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1)")
-    w.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    w.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (default: 8000)")
     w.add_argument("--token", default=os.environ.get("PATHLDM_APP_TOKEN"),
                    help="access token readers must enter (default: $PATHLDM_APP_TOKEN); "
                         "required for a non-loopback --host")

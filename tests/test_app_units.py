@@ -317,3 +317,16 @@ def test_unfinished_jobs_are_requeued_and_load_errors_reported(tmp_path):
     job = db.job("old")
     assert job["status"] == "error" and "missing.ckpt" in job["error"]
     assert "could not be loaded" in job["error"]
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--port", "70000"), ("--batch-size", "0"), ("--study-n", "-1"),
+    ("--review-fraction", "0"), ("--review-fraction", "nan"), ("--study-seed", "-3"),
+])
+def test_cli_numeric_options_are_checked(option, value):
+    """Bad numbers stop at parse time with the option and the value named."""
+    from pathldm_app.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([option, value])
+    assert exit_info.value.code == 2
