@@ -54,3 +54,24 @@ def random_store(path: str | Path, n: int = 16, tile: int = 32, n_slides: int = 
     summaries = [[f"slide {i} summary {j}" for j in range(n_summaries)] for i in range(n_slides)]
     return write_store(path, images, np.arange(n) % n_slides, rng.random(n), rng.random(n),
                        slides, summaries)
+
+
+def one_tile_with_wsinfer_csv(root: Path, tile_size: int, header: Sequence[str],
+                              rows: Sequence[Sequence[float]]) -> list[str]:
+    """A one-tile 10x store of slide S1 (from 20x) and its wsinfer CSV; ``tumor_til`` arguments."""
+    import csv
+
+    from data_prep.hdf5io import encode_jpeg, write_tile_store
+
+    tiles, csv_dir = root / "tiles", root / "wsinfer"
+    tiles.mkdir()
+    csv_dir.mkdir()
+    attrs = {"slide_id": "S1", "mpp": 0.5, "objective_power": 20.0, "magnification": 10.0,
+             "tile_size": tile_size, "level0_tile_size": 2 * tile_size, "stride": tile_size}
+    tile = encode_jpeg(np.zeros((tile_size, tile_size, 3), np.uint8))
+    write_tile_store(tiles / "S1.h5", [tile], np.array([[0, 0]]), np.ones(1), attrs)
+    with (csv_dir / "S1.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return ["--tiles", str(tiles), "--tumor-csv-dir", str(csv_dir), "--til-csv-dir", str(csv_dir)]

@@ -1,34 +1,21 @@
 """One spelling of the TIL column (``prob_til``); the old ``prob_tils`` is read with a warning."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
+from tcga_store import one_tile_with_wsinfer_csv
 
-from data_prep.hdf5io import encode_jpeg, write_tile_store
 from data_prep.tumor_til import TIL_COLUMN, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _inputs(tmp_path: Path, til_column: str) -> list[str]:
-    tiles = tmp_path / "tiles"
-    tiles.mkdir()
-    attrs = {"slide_id": "S1", "mpp": 0.5, "objective_power": 20.0, "magnification": 10.0,
-             "tile_size": 64, "level0_tile_size": 128, "stride": 64}
-    write_tile_store(tiles / "S1.h5", [encode_jpeg(np.zeros((64, 64, 3), np.uint8))],
-                     np.array([[0, 0]]), np.ones(1), attrs)
-    csv_dir = tmp_path / "wsinfer"
-    csv_dir.mkdir()
-    with (csv_dir / "S1.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["minx", "miny", "width", "height", "prob_tumor", til_column])
-        w.writerow([0, 0, 128, 128, 0.25, 0.75])
-    return ["--tiles", str(tiles), "--tumor-csv-dir", str(csv_dir), "--til-csv-dir",
-            str(csv_dir)]
+    return one_tile_with_wsinfer_csv(
+        tmp_path, 64, ["minx", "miny", "width", "height", "prob_tumor", til_column],
+        [[0, 0, 128, 128, 0.25, 0.75]])
 
 
 def _til(tmp_path: Path) -> float:

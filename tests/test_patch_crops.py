@@ -2,14 +2,12 @@
 tumor/TIL probabilities over the whole 448-px area."""
 from __future__ import annotations
 
-import csv
-
 import h5py
 import numpy as np
 import pytest
-from tcga_store import write_store
+from tcga_store import one_tile_with_wsinfer_csv, write_store
 
-from data_prep.hdf5io import decode_jpeg, encode_jpeg, write_tile_store
+from data_prep.hdf5io import decode_jpeg, encode_jpeg
 from data_prep.tile_wsi import TileConfig, build_parser
 from data_prep.tumor_til import main as tumor_til_main
 from ldm.data.patches import PATCH_SIZE, crop_origin
@@ -79,21 +77,12 @@ def test_training_random_crops_and_evaluation_centre_crops(store448):
 def test_tumor_til_average_covers_the_whole_448_tile(tmp_path):
     # one 448-px tile at 10x from a 20x slide covers 896 level-0 px; a wsinfer patch that lies
     # only in its margin (outside the centre 256 crop) still counts, weighted by its overlap
+    args = one_tile_with_wsinfer_csv(
+        tmp_path, 448, ["minx", "miny", "width", "height", "prob_tumor", "prob_til"],
+        [[0, 0, 100, 100, 0.9, 0.8],  # top-left margin: outside the centre crop
+         [0, 600, 300, 200, 0.3, 0.2]])  # bottom-left, partly inside the tile
+    assert tumor_til_main(args) == 0
     tiles_dir = tmp_path / "tiles"
-    tiles_dir.mkdir()
-    attrs = {"slide_id": "S1", "mpp": 0.5, "objective_power": 20.0, "magnification": 10.0,
-             "tile_size": 448, "level0_tile_size": 896, "stride": 448}
-    write_tile_store(tiles_dir / "S1.h5", [encode_jpeg(np.zeros((448, 448, 3), np.uint8))],
-                     np.array([[0, 0]]), np.ones(1), attrs)
-    csv_dir = tmp_path / "wsinfer"
-    csv_dir.mkdir()
-    with (csv_dir / "S1.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["minx", "miny", "width", "height", "prob_tumor", "prob_til"])
-        w.writerow([0, 0, 100, 100, 0.9, 0.8])  # top-left margin: outside the centre crop
-        w.writerow([0, 600, 300, 200, 0.3, 0.2])  # bottom-left, partly inside the tile
-    assert tumor_til_main(["--tiles", str(tiles_dir), "--tumor-csv-dir", str(csv_dir),
-                           "--til-csv-dir", str(csv_dir)]) == 0
     with h5py.File(tiles_dir / "S1.h5", "r") as f:
         tumor, til = float(f["tumor_prob"][0]), float(f["til_prob"][0])
     a1, a2 = 100 * 100, 300 * 200
