@@ -53,15 +53,18 @@ from data_prep.common import (
     write_text_atomic,
 )
 from data_prep.dataset_card import render_card, split_stats
-from data_prep.hdf5io import (
-    DATASET_STORE_VERSION,
-    STR_DTYPE,
-    VLEN_UINT8,
-    is_complete_tile_store,
-    read_store_attrs,
-)
+from data_prep.hdf5io import is_complete_tile_store, read_store_attrs
 from data_prep.splits import SPLITS, assign_splits, read_csv_columns
 from ldm.argtypes import float_in, non_negative_int, positive_int, unit_float
+from ldm.data.store import FORMAT_VERSION as DATASET_STORE_VERSION
+from ldm.data.store import (
+    IMAGES,
+    PROBABILITIES,
+    append_rows,
+    create_row_datasets,
+    write_attrs,
+    write_slide_table,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +195,7 @@ def tile_probabilities(f: h5py.File) -> dict[str, np.ndarray]:
     """``tumor_prob`` and ``til_prob`` of a tile store; NaN where a store has none."""
     n = len(f["tiles"])
     return {k: f[k][:].astype(np.float32) if k in f else np.full(n, np.nan, np.float32)
-            for k in ("tumor_prob", "til_prob")}
+            for k in PROBABILITIES}
 
 
 def _kept_rows(f: h5py.File, cfg: BuildConfig) -> tuple[np.ndarray, dict[str, int]]:
@@ -221,28 +224,11 @@ def _copy_rows(src: h5py.Dataset, rows: np.ndarray, block: int = 4096) -> np.nda
     return out
 
 
-def _append(ds: h5py.Dataset, values: np.ndarray) -> None:
-    n0 = ds.shape[0]
-    ds.resize(n0 + len(values), axis=0)
-    ds[n0:] = values
-
-
 def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfig, k: int,
                 signature: str) -> None:
     """Write one split store atomically (docs/data_format.md, section 3)."""
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
-        ds = {
-            "images": f.create_dataset("images", (0,), maxshape=(None,), dtype=VLEN_UINT8,
-                                       chunks=(256,)),
-            "slide_index": f.create_dataset("slide_index", (0,), maxshape=(None,),
-                                            dtype=np.int32, chunks=(4096,)),
-            "coords": f.create_dataset("coords", (0, 2), maxshape=(None, 2), dtype=np.int64,
-                                       chunks=(4096, 2)),
-            "tumor_prob": f.create_dataset("tumor_prob", (0,), maxshape=(None,),
-                                           dtype=np.float32, chunks=(4096,)),
-            "til_prob": f.create_dataset("til_prob", (0,), maxshape=(None,), dtype=np.float32,
-                                         chunks=(4096,)),
-        }
+        ds = create_row_datasets(f)
         kept, dropped, empty = [], Counter(), []
         for s in tqdm(slides, desc=split, unit="slide"):
             with h5py.File(s.path, "r") as src:
@@ -251,22 +237,14 @@ def write_split(path: Path, split: str, slides: list[SlideInfo], cfg: BuildConfi
                 if len(rows) == 0:
                     empty.append(s.slide_id)
                     continue
-                _append(ds["images"], _copy_rows(src["tiles"], rows))
-                _append(ds["slide_index"], np.full(len(rows), len(kept), np.int32))
-                _append(ds["coords"], src["coords"][:][rows])
-                for key, values in tile_probabilities(src).items():
-                    _append(ds[key], values[rows])
+                probs = {key: v[rows] for key, v in tile_probabilities(src).items()}
+                append_rows(ds, {IMAGES: _copy_rows(src["tiles"], rows),
+                                 "slide_index": np.full(len(rows), len(kept), np.int32),
+                                 "coords": src["coords"][:][rows], **probs})
             kept.append(s)
-        summaries = np.full((len(kept), k), "", dtype=object)
-        for i, s in enumerate(kept):
-            summaries[i, : len(s.summaries)] = s.summaries
-        f.create_dataset("slides", data=np.array([s.slide_id for s in kept], dtype=object),
-                         dtype=STR_DTYPE)
-        f.create_dataset("summaries", data=summaries, dtype=STR_DTYPE)
-        f.create_dataset("n_summaries", data=np.array([len(s.summaries) for s in kept],
-                                                      dtype=np.int32))
-        f.attrs.update({
-            "split": split, "format_version": DATASET_STORE_VERSION, "seed": cfg.seed,
+        write_slide_table(f, [s.slide_id for s in kept], [s.summaries for s in kept], k)
+        write_attrs(f, {
+            "split": split, "seed": cfg.seed,
             "tile_size": int(slides[0].attrs["tile_size"]) if slides else 0,
             "magnification": float(slides[0].attrs["magnification"]) if slides else 0.0,
             "signature": signature, "build_config": json.dumps(asdict(cfg)),

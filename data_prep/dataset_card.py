@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from ldm.data.captions import LEVEL_NAMES, UNCONDITIONAL_CLASS, class_label, prob_to_level
+from ldm.data.store import read_attrs
 
 CLASS_NAMES = {2 * t + i: f"{LEVEL_NAMES[2][t]} tumor + {LEVEL_NAMES[2][i]} til"
                for t in range(2) for i in range(2)}
@@ -28,7 +29,7 @@ def split_stats(path: Path) -> dict:
         tumor, til = f["tumor_prob"][:], f["til_prob"][:]
         n_sum = f["n_summaries"][:]
         slide_index = f["slide_index"][:]
-        attrs = dict(f.attrs)
+        attrs = read_attrs(f)
     classes = Counter(_class(a, b) for a, b in zip(tumor.tolist(), til.tolist()))
     per_slide = np.bincount(slide_index, minlength=len(n_sum)) if len(n_sum) else np.zeros(0)
     tumor_levels = _level_counts(tumor)

@@ -231,7 +231,7 @@ def _check_lightning(ctx: _Context, cfg: Mapping) -> None:
 
 
 def _check_stores(ctx: _Context, data: Mapping) -> None:
-    from ldm.data.tcga import store_problem
+    from ldm.data.store import store_problem
 
     params = data.get("params") or {}
     for split in ("train", "validation", "test"):

@@ -142,8 +142,10 @@ def sample(run: Path, store: Path, out: Path, n: int, steps: int, scale: float,
     """
     import h5py
 
+    from ldm.data.store import read_slide_summaries
+
     with h5py.File(store, "r") as f:
-        summary = f["summaries"].asstr()[0, 0]
+        summary = (read_slide_summaries(f)[0] or [""])[0]
     subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), "--ckpt", str(run),
                     "--all-levels", "--summary", summary, "--n", str(n),
                     "--batch-size", str(n), "--steps", str(steps), "--scale", str(scale),

@@ -1,7 +1,6 @@
 """Write small training stores in the format of docs/data_format.md §3 for tests."""
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,12 +8,12 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from ldm.data.store import encode_jpeg, write_attrs, write_rows, write_slide_table
+
 
 def jpeg_bytes(image: np.ndarray, quality: int = 95) -> np.ndarray:
     """JPEG-encode an RGB uint8 array into one vlen row."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    return encode_jpeg(image, quality)
 
 
 def write_store(path: str | Path, images: Sequence[np.ndarray], slide_index: Sequence[int],
@@ -22,25 +21,12 @@ def write_store(path: str | Path, images: Sequence[np.ndarray], slide_index: Seq
                 summaries: Sequence[Sequence[str]], split: str = "train") -> Path:
     """A training store with JPEG tiles and per-slide summaries (``""``-padded to K)."""
     path = Path(path)
-    n_summaries = np.array([len(s) for s in summaries], dtype=np.int32)
-    k = max(1, int(n_summaries.max()))
-    table = np.array([list(s) + [""] * (k - len(s)) for s in summaries], dtype=object)
-    tile = images[0].shape[0]
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("images", shape=(len(images),),
-                              dtype=h5py.vlen_dtype(np.dtype("uint8")))
-        for i, im in enumerate(images):
-            ds[i] = jpeg_bytes(im)
-        f.create_dataset("slide_index", data=np.asarray(slide_index, dtype=np.int32))
-        f.create_dataset("coords", data=np.zeros((len(images), 2), dtype=np.int64))
-        f.create_dataset("tumor_prob", data=np.asarray(tumor_prob, dtype=np.float32))
-        f.create_dataset("til_prob", data=np.asarray(til_prob, dtype=np.float32))
-        f.create_dataset("slides", data=np.array(slides, dtype=object),
-                         dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("summaries", data=table, dtype=h5py.string_dtype("utf-8"))
-        f.create_dataset("n_summaries", data=n_summaries)
-        f.attrs.update({"split": split, "tile_size": tile, "magnification": 10.0,
-                        "format_version": 1, "seed": 0})
+        write_rows(f, [jpeg_bytes(im) for im in images], slide_index, tumor_prob, til_prob,
+                   coords=np.zeros((len(images), 2), dtype=np.int64))
+        write_slide_table(f, slides, summaries)
+        write_attrs(f, {"split": split, "tile_size": images[0].shape[0], "magnification": 10.0,
+                        "seed": 0})
     return path
 
 

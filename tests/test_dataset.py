@@ -138,9 +138,9 @@ def test_reproducible_from_torch_seed_and_varies_between_draws(tmp_path):
 def test_hdf5_opened_lazily_and_reopened_in_workers(tmp_path):
     path = random_store(tmp_path / "s.h5", n=12, tile=16, n_slides=3)
     ds = TCGAPatchDataset(path, size=16, flip=False)
-    assert ds._file is None  # nothing opened in __init__
+    assert not ds._file.is_open  # nothing opened in __init__
     reference = torch.stack([ds[i]["image"] for i in range(len(ds))])
-    assert ds._file is not None  # opened in this process; workers must not reuse it
+    assert ds._file.is_open  # opened in this process; workers must not reuse it
     loader = DataLoader(ds, batch_size=4, num_workers=2, shuffle=False)
     batches = list(loader)
     assert torch.equal(torch.cat([b["image"] for b in batches]), reference)

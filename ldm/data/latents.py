@@ -14,27 +14,22 @@ continues from the last flushed batch.
 """
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
-logger = logging.getLogger(__name__)
+from ldm.data.store import IMAGES, LATENTS, create_latents, decode_jpeg, source_id
 
-FORMAT_VERSION = 2
+logger = logging.getLogger(__name__)
 
 
 def _tiles(images: h5py.Dataset, start: int, stop: int) -> torch.Tensor:
     """Decoded tiles ``[start, stop)`` as ``(B, 3, H, W)`` in [-1, 1]."""
-    arrays = []
-    for i in range(start, stop):
-        with Image.open(io.BytesIO(images[i].tobytes())) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
+    arrays = [decode_jpeg(images[i]) for i in range(start, stop)]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
@@ -56,10 +51,6 @@ def encode(first_stage: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return first_stage.encode_moments(x)
 
 
-def _source_id(store: h5py.File) -> str:
-    return str(store.attrs.get("signature", "")) or f"{len(store['images'])} images"
-
-
 def cache_latents(store: str | Path, first_stage: torch.nn.Module, out: str | Path,
                   batch_size: int = 32, flips: bool = True,
                   device: str | torch.device | None = None) -> Path:
@@ -70,8 +61,8 @@ def cache_latents(store: str | Path, first_stage: torch.nn.Module, out: str | Pa
     first_stage = first_stage.to(device).eval()
     n_var = 4 if flips else 1
     with h5py.File(store, "r") as src:
-        images = src["images"]
-        n, source = len(images), _source_id(src)
+        images = src[IMAGES]
+        n, source = len(images), source_id(src)
         if n == 0:
             raise ValueError(f"{store} has no images")
         first = _tiles(images, 0, 1)
@@ -85,7 +76,7 @@ def cache_latents(store: str | Path, first_stage: torch.nn.Module, out: str | Pa
                 stop = min(n, start + batch_size)
                 x = flip_variants(_tiles(images, start, stop), flips).to(device)
                 z = encode(first_stage, x.flatten(0, 1)).unflatten(0, (stop - start, n_var))
-                f["latents"][start:stop] = z.float().cpu().numpy().astype(np.float16)
+                f[LATENTS][start:stop] = z.float().cpu().numpy().astype(np.float16)
                 f.attrs["n_done"] = stop
                 f.flush()
                 bar.update(stop - start)
@@ -99,7 +90,7 @@ def _open_output(tmp: Path, shape: tuple, source: str, image_size: int) -> h5py.
     """The temporary output, reused when it belongs to the same job, else created afresh."""
     if tmp.is_file():
         f = h5py.File(tmp, "a")
-        same = ("latents" in f and tuple(f["latents"].shape) == shape
+        same = (LATENTS in f and tuple(f[LATENTS].shape) == shape
                 and f.attrs.get("source") == source)
         if same:
             return f
@@ -107,7 +98,5 @@ def _open_output(tmp: Path, shape: tuple, source: str, image_size: int) -> h5py.
         logger.warning("%s belongs to another job; starting over", tmp)
         tmp.unlink()
     f = h5py.File(tmp, "w")
-    f.create_dataset("latents", shape=shape, dtype=np.float16, chunks=(1, *shape[1:]))
-    f.attrs.update({"n_done": 0, "source": source, "image_size": image_size,
-                    "n_variants": shape[1], "format_version": FORMAT_VERSION})
+    create_latents(f, shape, source, image_size)
     return f

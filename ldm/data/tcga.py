@@ -9,7 +9,6 @@ epochs differ and follows Lightning's seeding of the main process and of every w
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
@@ -21,7 +20,6 @@ import h5py
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.data.captions import (
@@ -33,19 +31,21 @@ from ldm.data.captions import (
 )
 from ldm.data.patches import PATCH_SIZE, crop_origin
 from ldm.data.sampling import EpochSampler, SampleKey
+from ldm.data.store import (  # noqa: F401  (REQUIRED_DATASETS, store_problem re-exported)
+    REQUIRED_DATASETS,
+    LazyFile,
+    decode_jpeg,
+    missing_datasets,
+    not_a_store,
+    read_latents_info,
+    read_slide_summaries,
+    store_problem,
+)
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_MODES = ("first", "random", "wrong_slide")
-REQUIRED_DATASETS = ("images", "slide_index", "tumor_prob", "til_prob", "slides", "summaries",
-                     "n_summaries")
-
-
-def _decode_jpeg(data: np.ndarray) -> np.ndarray:
-    with Image.open(io.BytesIO(data.tobytes())) as im:
-        return np.asarray(im.convert("RGB"))
-
 
 def _level(p: float, n_levels: int) -> int | None:
     """Level of a probability, None where it is unknown (NaN)."""
@@ -104,11 +104,10 @@ class TCGAPatchDataset(Dataset):
         self.legacy_til_exemption = legacy_til_exemption
         self.legacy_class_label = legacy_class_label
         self.seed = int(seed)
-        self._file: h5py.File | None = None
-        self._pid: int | None = None
+        self._file = LazyFile(self.path)
         self._read_metadata()
         self.latents_path = Path(latents_path) if latents_path else None
-        self._latent_file: h5py.File | None = None
+        self._latent_file = LazyFile(self.latents_path) if self.latents_path else None
         if self.latents_path is not None:
             self._check_latents()
 
@@ -117,16 +116,14 @@ class TCGAPatchDataset(Dataset):
         if not self.path.is_file():
             raise FileNotFoundError(f"dataset store not found: {self.path}")
         with h5py.File(self.path, "r") as f:
-            missing = [k for k in REQUIRED_DATASETS if k not in f]
+            missing = missing_datasets(f)
             if missing:
-                raise KeyError(f"{self.path}: not a training store (docs/data_format.md §3), "
-                               f"missing datasets {missing}")
+                raise KeyError(not_a_store(self.path, missing))
             self.slide_index = f["slide_index"][()].astype(np.int64)
             self.tumor_prob = f["tumor_prob"][()].astype(np.float64)
             self.til_prob = f["til_prob"][()].astype(np.float64)
             self.slides = [str(s) for s in f["slides"].asstr()[()]]
-            summaries = f["summaries"].asstr()[()]
-            n_summaries = f["n_summaries"][()].astype(np.int64)
+            self.summaries = read_slide_summaries(f)
             self.tile_size = int(f.attrs.get("tile_size", 0)) or None
             n_images = len(f["images"])
         n = len(self.slide_index)
@@ -136,8 +133,6 @@ class TCGAPatchDataset(Dataset):
                              f"{len(self.til_prob)})")
         if n and (self.slide_index.min() < 0 or self.slide_index.max() >= len(self.slides)):
             raise ValueError(f"{self.path}: slide_index points outside 'slides'")
-        summaries = np.asarray(summaries, dtype=object).reshape(len(self.slides), -1)
-        self.summaries = [list(summaries[s, : n_summaries[s]]) for s in range(len(self.slides))]
         for name, p in (("tumor_prob", self.tumor_prob), ("til_prob", self.til_prob)):
             bad = (p < 0) | (p > 1)
             if bad.any():
@@ -157,12 +152,7 @@ class TCGAPatchDataset(Dataset):
         """Validate the cached-latents store against this dataset."""
         if not self.latents_path.is_file():
             raise FileNotFoundError(f"latents store not found: {self.latents_path}")
-        with h5py.File(self.latents_path, "r") as f:
-            if "latents" not in f:
-                raise KeyError(f"{self.latents_path}: no 'latents' dataset")
-            shape = f["latents"].shape
-            image_size = int(f.attrs.get("image_size", 0))
-            source = str(f.attrs.get("source", ""))
+        shape, image_size, source = read_latents_info(self.latents_path)
         with h5py.File(self.path, "r") as f:
             signature = str(f.attrs.get("signature", ""))
         if signature and source and signature != source:
@@ -182,25 +172,10 @@ class TCGAPatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slide_index)
 
-    def __getstate__(self) -> dict[str, Any]:
-        # open HDF5 handles never travel to worker processes
-        state = self.__dict__.copy()
-        for key in ("_file", "_latent_file", "_images", "_latents", "_pid"):
-            state[key] = None
-        return state
-
     def _h5(self) -> tuple[h5py.Dataset, h5py.Dataset | None]:
         """Image and latent datasets, opened lazily once per process (workers reopen them)."""
-        pid = os.getpid()
-        if self._file is None or self._pid != pid:
-            self._file = h5py.File(self.path, "r")
-            self._images = self._file["images"]
-            self._latent_file = self._latents = None
-            if self.latents_path is not None:
-                self._latent_file = h5py.File(self.latents_path, "r")
-                self._latents = self._latent_file["latents"]
-            self._pid = pid
-        return self._images, self._latents
+        latents = self._latent_file["latents"] if self._latent_file is not None else None
+        return self._file["images"], latents
 
     def sample_rng(self, idx: int, epoch: int | None = None) -> np.random.Generator:
         """The generator of sample ``idx`` in ``epoch`` (None: consumes one torch RNG draw)."""
@@ -219,7 +194,7 @@ class TCGAPatchDataset(Dataset):
         hflip = self.flip and u_hflip < 0.5
         vflip = self.flip and u_vflip < 0.5
         images, latents = self._h5()
-        image = self._crop(_decode_jpeg(images[idx]), u_x, u_y, idx)
+        image = self._crop(decode_jpeg(images[idx]), u_x, u_y, idx)
         if hflip:
             image = image[:, ::-1]
         if vflip:
@@ -297,23 +272,6 @@ def _build_dataset(cfg: Mapping[str, Any] | None) -> Dataset | None:
 def _global_seed() -> int:
     """The seed ``seed_everything`` set (Lightning's own distributed sampler uses it too)."""
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-def store_problem(path: str | Path, split: str = "train") -> str | None:
-    """Why ``path`` cannot serve as a ``split`` store (None when it can): cheap, metadata only."""
-    try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in REQUIRED_DATASETS if k not in f]
-            n = len(f["images"]) if "images" in f else 0
-    except OSError as e:
-        return f"{path} is not a readable HDF5 store: {' '.join(str(e).split())}"
-    if missing:
-        return (f"{path} is not a training store (docs/data_format.md §3): missing datasets "
-                f"{missing}")
-    if n == 0:
-        return (f"{path} is an empty store (0 patches): nothing to {split} on; rebuild it with "
-                "python -m data_prep.build_dataset")
-    return None
 
 
 class TCGAPatchData(pl.LightningDataModule):

@@ -1,7 +1,6 @@
 """Image sources for evaluation (split stores and image folders) and atomic image/JSON writes."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -16,6 +15,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ldm.data.patches import PATCH_SIZE, crop_origin
+from ldm.data.store import (
+    IMAGES,
+    LazyFile,
+    open_jpeg,
+    read_array,
+    read_attrs,
+    read_slide_summaries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,36 +80,22 @@ class SplitStore:
         self.patch_size = patch_size
         if not self.path.is_file():
             raise FileNotFoundError(f"split store not found: {self.path}")
-        self._h5: h5py.File | None = None
-        self._pid: int | None = None
+        self._h5 = LazyFile(self.path)
         try:
             with h5py.File(self.path, "r") as f:
-                if "images" not in f:
+                if IMAGES not in f:
                     raise KeyError(f"{self.path}: no 'images' dataset (not a split store?)")
-                self._length = len(f["images"])
-                self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+                self._length = len(f[IMAGES])
+                self.attrs = read_attrs(f)
         except OSError as e:
             raise OSError(f"{self.path}: cannot read as HDF5: {e}") from e
 
     def __len__(self) -> int:
         return self._length
 
-    def _file(self) -> h5py.File:
-        if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._h5
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_h5"], state["_pid"] = None, None
-        return state
-
     def close(self) -> None:
         """Close the HDF5 handle of this process."""
-        if self._h5 is not None:
-            self._h5.close()
-            self._h5 = None
+        self._h5.close()
 
     def image(self, index: int) -> Image.Image:
         """Tile ``index`` as an RGB PIL image, centre-cropped to ``patch_size`` if larger."""
@@ -123,38 +116,26 @@ class SplitStore:
         return size is not None and w >= size and h >= size and (w, h) != (size, size)
 
     def _open(self, index: int) -> Image.Image:
-        data = self._file()["images"][int(index)]
+        data = self._h5[IMAGES][int(index)]
         try:
-            return Image.open(io.BytesIO(data.tobytes()))
+            return open_jpeg(data)
         except Exception as e:
             raise ValueError(f"{self.path}: images[{index}] is not a decodable image: {e}") from e
 
     def array(self, name: str) -> np.ndarray:
         """A whole dataset (e.g. ``tumor_prob``) as a numpy array; strings decoded as utf-8."""
-        f = self._file()
+        f = self._h5.get()
         if name not in f:
             raise KeyError(f"{self.path}: missing dataset {name!r}")
-        ds = f[name]
-        if h5py.check_string_dtype(ds.dtype) is not None:
-            return ds.asstr()[()]
-        return ds[()]
+        return read_array(f, name)
 
     def slide_summaries(self) -> list[list[str]]:
         """The real (non-padding) summaries of every slide."""
-        summaries = np.atleast_2d(self.array("summaries"))
-        counts = self.array("n_summaries")
-        return [[str(s) for s in summaries[i, : int(counts[i])]] for i in range(len(counts))]
-
-
-def _plain(value: Any) -> Any:
-    """HDF5 attribute value as a JSON-friendly Python value."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
+        f = self._h5.get()
+        missing = [k for k in ("summaries", "n_summaries") if k not in f]
+        if missing:
+            raise KeyError(f"{self.path}: missing dataset {missing[0]!r}")
+        return read_slide_summaries(f)
 
 
 def pil_transform(center_crop: int | None = None, resize: int | None = None) -> PilTransform | None:
