@@ -18,9 +18,6 @@ import logging
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data_prep import build_dataset, summarize_reports, tile_wsi, tumor_til
 from data_prep.common import add_logging_arg, setup_logging
 

@@ -40,9 +40,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import h5py
 import numpy as np
 from PIL import Image

@@ -26,9 +26,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
 from data_prep.common import JsonlLog, add_logging_arg, setup_logging, write_text_atomic

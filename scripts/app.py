@@ -8,11 +8,8 @@ Three pages: Generate (images from tumor/TIL levels and a summary), Summary revi
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pathldm_app.cli import main  # noqa: E402
+from pathldm_app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

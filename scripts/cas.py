@@ -16,21 +16,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.argtypes import (  # noqa: E402
+from ldm.argtypes import (
     non_negative_int,
     positive_float,
     positive_int,
     seed_int,
 )
-from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main  # noqa: E402
-from ldm.evaluation.images import SplitStore, pil_transform, write_json  # noqa: E402
+from ldm.evaluation.cli import configure_logging, format_table, resolve_device, run_main
+from ldm.evaluation.images import SplitStore, pil_transform, write_json
 
 logger = logging.getLogger("cas")
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout
 
 logger = logging.getLogger("demo")
 LDM_CONFIG = ROOT / "configs" / "demo" / "ldm_tiny.yaml"

@@ -16,28 +16,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.argtypes import non_negative_int, positive_int, seed_int  # noqa: E402
-from ldm.evaluation.cli import (  # noqa: E402
+from ldm.argtypes import non_negative_int, positive_int, seed_int
+from ldm.evaluation.cli import (
     add_trust_arg,
     configure_logging,
     format_table,
     resolve_device,
     run_main,
 )
-from ldm.evaluation.images import (  # noqa: E402
+from ldm.evaluation.images import (
     PartitionDataset,
     open_images,
     pil_transform,
     write_json,
 )
-from ldm.evaluation.reconstruction import DEFAULT_SSIM, SSIM_SETTINGS, ssim_setting  # noqa: E402
+from ldm.evaluation.reconstruction import DEFAULT_SSIM, SSIM_SETTINGS, ssim_setting
 
 logger = logging.getLogger("eval_vae")
 CKPT_SUFFIXES = (".ckpt", ".pt", ".pth")

@@ -20,14 +20,11 @@ import argparse
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.argtypes import (  # noqa: E402
+from ldm.argtypes import (
     int_in,
     non_negative_float,
     non_negative_int,
@@ -35,7 +32,7 @@ from ldm.argtypes import (  # noqa: E402
     seed_int,
     unit_float,
 )
-from ldm.evaluation.cli import (  # noqa: E402
+from ldm.evaluation.cli import (
     add_checkpoint_args,
     configure_logging,
     format_table,
@@ -43,7 +40,7 @@ from ldm.evaluation.cli import (  # noqa: E402
     resolve_device,
     run_main,
 )
-from ldm.evaluation.fid import (  # noqa: E402
+from ldm.evaluation.fid import (
     DIMS,
     FID_WEIGHTS_FILE,
     extract_features,
@@ -54,7 +51,7 @@ from ldm.evaluation.fid import (  # noqa: E402
     load_statistics,
     save_statistics,
 )
-from ldm.evaluation.images import (  # noqa: E402
+from ldm.evaluation.images import (
     SplitStore,
     list_image_files,
     open_images,
@@ -62,7 +59,7 @@ from ldm.evaluation.images import (  # noqa: E402
     write_json,
     write_text,
 )
-from ldm.evaluation.sampling import PROMPT_SAMPLINGS  # noqa: E402
+from ldm.evaluation.sampling import PROMPT_SAMPLINGS
 
 logger = logging.getLogger("fid")
 

@@ -1,12 +1,10 @@
 """Cached first-stage latents: written once (resumably), read back matching the crop's flips."""
-import sys
-from pathlib import Path
-
 import h5py
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from scripts_loader import load_script
 from tcga_store import random_store
 
 import ldm.data.latents as latents_mod
@@ -14,7 +12,6 @@ from ldm.data.latents import cache_latents
 from ldm.data.tcga import TCGAPatchDataset
 from ldm.util import instantiate_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
 VQ = {"target": "ldm.models.autoencoder.VQModelInterface",
       "params": {"embed_dim": 3, "n_embed": 16,
                  "ddconfig": {"double_z": False, "z_channels": 3, "resolution": 16,
@@ -93,8 +90,7 @@ def test_latents_must_fit_the_dataset(tmp_path, vq):
 
 
 def test_cache_latents_cli(tmp_path, vq, capsys):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import cache_latents as cli
+    cli = load_script("cache_latents")
 
     store = random_store(tmp_path / "train.h5", n=3, tile=16)
     ckpt = tmp_path / "vq.ckpt"
