@@ -86,3 +86,34 @@ def test_sample_script_feeds_the_caption_to_the_unet(tmp_path, tiny_clip_dir, un
     # same seed, same x_T: the unconditional halves agree, the conditional ones differ
     assert torch.equal(outputs["high"][0], outputs["low"][0])
     assert (outputs["high"][1] - outputs["low"][1]).abs().max() > 1e-4
+
+
+def test_a_trainable_text_tower_learns_in_training_and_samples_with_its_weights(
+        tmp_path, tiny_clip_dir, unet_contexts):
+    """``cond_stage_trainable``: the training step's loss reaches the text tower, its embeddings
+    follow the new weights (no stale cache), and sample.py encodes with the trained tower."""
+    grey = np.full((16, 16, 3), 128, np.uint8)
+    store = write_store(tmp_path / "train.h5", [grey, grey], [0, 0], [0.9, 0.1], [0.2, 0.2],
+                        ["TCGA-00"], [[SUMMARY]])
+    cfg = tiny_model_config(tiny_clip_dir, use_ema=False)
+    cfg["params"]["cond_stage_trainable"] = True
+    model = build_tiny_model(cfg)
+    tower = model.cond_stage_model
+    before = tower.encode([HIGH]).detach().clone()
+    weights = {k: v.clone() for k, v in tower.state_dict().items()}
+    data = TCGAPatchData(batch_size=2, train={"path": str(store), "size": 16, "p_uncond": 0.0})
+    pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False,
+               num_sanity_val_steps=0).fit(model, data)
+    moved = [k for k, v in tower.state_dict().items() if not torch.equal(v, weights[k])]
+    assert any("encoder.layers" in k for k in moved) and any("token_embedding" in k for k in moved)
+    with torch.no_grad():
+        high = tower.encode([HIGH])[0]
+    assert not torch.allclose(high, before[0])
+    ckpt = save_checkpoint(model, tmp_path / "tiny.ckpt", {"model": cfg})
+    unet_contexts.clear()
+    load_script("sample").main(["--ckpt", str(ckpt), "--tumor", "high", "--til", "low",
+                                "--summary", SUMMARY, "--n", "1", "--steps", "1", "--seed", "3",
+                                "--device", "cpu", "--outdir", str(tmp_path / "s")])
+    ((context, _),) = unet_contexts
+    assert _rows_equal(context, high) == [False, True]

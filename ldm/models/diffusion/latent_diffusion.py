@@ -115,6 +115,8 @@ class LatentDiffusion(DDPM):
             if config in ("__is_first_stage__", "__is_unconditional__"):
                 raise ValueError(f"cond_stage_trainable cannot be used with {config!r}")
             self.cond_stage_model = instantiate_from_config(config)
+            if callable(getattr(self.cond_stage_model, "unfreeze", None)):
+                self.cond_stage_model.unfreeze()  # a text tower frozen by default
             return
         if config == "__is_first_stage__":
             logger.info("using the first stage also as the conditioning stage")

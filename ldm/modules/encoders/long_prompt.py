@@ -62,6 +62,8 @@ def causal_padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> tor
 class FrozenLongPromptEncoder(nn.Module):
     """Frozen text encoder with PathLDM's long prompts, truncation warnings and an embedding cache.
 
+    Frozen as in PathLDM; :meth:`unfreeze` makes it trainable (``cond_stage_trainable``).
+
     Subclasses set ``self.transformer`` (a module called as ``transformer(input_ids,
     attention_mask)`` returning ``(B, L, D)``), ``self.max_length`` and the special token ids, and
     implement :meth:`text_token_ids`.
@@ -79,16 +81,29 @@ class FrozenLongPromptEncoder(nn.Module):
         self._cache_signature: tuple | None = None
         self._warned_prompts: set[str] = set()
         self.register_load_state_dict_post_hook(_clear_cache_after_load)
+        self.trainable = False
 
     # -- frozen module -------------------------------------------------------------------------
     def freeze(self) -> None:
         """Eval mode and no gradients for every parameter."""
         super().train(False)
+        self.trainable = False
         for param in self.parameters():
             param.requires_grad_(False)
 
+    def unfreeze(self) -> None:
+        """Train the tower with the diffusion model (``cond_stage_trainable``).
+
+        :meth:`encode` then builds a graph whenever gradients are enabled and bypasses the
+        embedding cache (the weights change every step). Dropout stays off.
+        """
+        self.trainable = True
+        self.clear_cache()
+        for param in self.parameters():
+            param.requires_grad_(True)
+
     def train(self, mode: bool = True) -> FrozenLongPromptEncoder:
-        """Stay in eval mode: the text tower is frozen (dropout off, as in PathLDM)."""
+        """Stay in eval mode, also when trainable (dropout off, as in PathLDM)."""
         return super().train(False)
 
     @property
@@ -135,10 +150,26 @@ class FrozenLongPromptEncoder(nn.Module):
             self.cache.clear()
             self._cache_signature = signature
 
-    @torch.no_grad()
     def encode(self, texts: Sequence[str] | str) -> torch.Tensor:
-        """Embed prompts as ``(B, max_length, D)``; only captions missing from the cache run."""
+        """Embed prompts as ``(B, max_length, D)``; only captions missing from the cache run.
+
+        Frozen towers never build a graph; a trainable one (:meth:`unfreeze`) runs every caption
+        and keeps the graph when gradients are enabled.
+        """
         texts = _check_texts(texts)
+        if self.trainable:
+            return self._embed(*self.tokenize(texts))
+        with torch.no_grad():
+            return self._encode_cached(texts)
+
+    def _embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # outside autocast, in the tower's own precision (float32), as the original: only
+        # the U-Net runs under mixed precision, so a caption embeds the same in a bf16-mixed
+        # training step, in validation and in float32 sampling, and one cache serves all
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            return self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
+
+    def _encode_cached(self, texts: list[str]) -> torch.Tensor:
         self._sync_cache()
         found: dict[str, torch.Tensor] = {}
         missing = []
@@ -149,12 +180,7 @@ class FrozenLongPromptEncoder(nn.Module):
             else:
                 found[text] = hit
         if missing:
-            input_ids, attention_mask = self.tokenize(missing)
-            # outside autocast, in the tower's own precision (float32), as the original: only
-            # the U-Net runs under mixed precision, so a caption embeds the same in a bf16-mixed
-            # training step, in validation and in float32 sampling, and one cache serves all
-            with torch.autocast(device_type=self.device.type, enabled=False):
-                z = self.transformer(input_ids.to(self.device), attention_mask.to(self.device))
+            z = self._embed(*self.tokenize(missing))
             for text, row in zip(missing, z):
                 found[text] = row
                 self.cache.put((text, self.max_length), row)
@@ -162,7 +188,7 @@ class FrozenLongPromptEncoder(nn.Module):
         return torch.stack([found[text].to(device) for text in texts])
 
     def forward(self, texts: Sequence[str] | str) -> torch.Tensor:
-        """Same as :meth:`encode` (frozen: never builds a graph)."""
+        """Same as :meth:`encode`."""
         return self.encode(texts)
 
     def unconditional_input(self, batch_size: int) -> list[str]:
