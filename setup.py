@@ -28,7 +28,9 @@ EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
 # the local web app for pathologists (pathldm-app)
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
 # the app's tests drive the system Chromium through Selenium
-TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", "selenium>=4.20", *DATA, *EVAL, *APP]
+# prdc: the reference precision/recall/density/coverage the evaluation metrics are tested against
+TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1",
+        *DATA, *EVAL, *APP]
 EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "test": TEST, "dev": TEST}
 
 # `python scripts/<name>.py` and `python -m data_prep.<name>` keep working; these are the same

@@ -1,0 +1,95 @@
+"""Feature-space metrics: closed forms, agreement with pytorch-fid and prdc, KID unbiasedness."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm.evaluation import fid as inception_fid
+from ldm.evaluation.metrics import (
+    all_metrics,
+    feature_statistics,
+    frechet_distance,
+    kid,
+    knn_radii,
+    pairwise_metrics,
+)
+
+
+def _rotation(d: int, seed: int) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return q
+
+
+def test_frechet_distance_closed_form_gaussians():
+    """Commuting covariances: FD = |mu1 - mu2|² + Σ (sqrt(a_i) - sqrt(b_i))²."""
+    d = 12
+    rng = np.random.default_rng(0)
+    a, b = rng.uniform(0.1, 4, d), rng.uniform(0.1, 4, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    q = _rotation(d, 1)
+    s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-9)
+    # samples of those Gaussians converge to the closed form
+    x = mu1 + rng.standard_normal((40000, d)) * np.sqrt(a) @ q.T
+    y = mu2 + rng.standard_normal((40000, d)) * np.sqrt(b) @ q.T
+    fd = frechet_distance(*feature_statistics(x), *feature_statistics(y))
+    assert fd == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("n,d", [(50, 8), (30, 40)])  # full rank, and fewer samples than dims
+def test_frechet_distance_equals_pytorch_fid(n, d):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal((n, d)), 0.5 + 1.3 * rng.standard_normal((n + 7, d))
+    stats = (*feature_statistics(x), *feature_statistics(y))
+    assert frechet_distance(*stats) == pytest.approx(calculate_frechet_distance(*stats),
+                                                     rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("block", [10 ** 7, 3000])  # one block; many row and column blocks
+def test_prdc_equals_reference_package(k, block):
+    import prdc
+    from prdc.prdc import compute_nearest_neighbour_distances
+
+    rng = np.random.default_rng(k)
+    real = rng.standard_normal((180, 16))
+    fake = 0.4 + 1.2 * rng.standard_normal((150, 16))
+    ref = prdc.compute_prdc(real, fake, nearest_k=k)
+    ours = pairwise_metrics(real, fake, nearest_k=k, kid_subsets=None, block_elements=block)
+    for name in ("precision", "recall", "density", "coverage"):
+        assert ours[name] == pytest.approx(float(ref[name]), abs=1e-12), name
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
+    np.testing.assert_allclose(knn_radii(real, k, block_elements=block),
+                               compute_nearest_neighbour_distances(real, k), rtol=1e-10)
+
+
+def test_kid_equals_inception_kid_and_is_unbiased():
+    """Blocked KID = the per-subset KID; ~0 between two samples of one distribution."""
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((400, 10)), rng.standard_normal((300, 10))
+    ours = kid(x, y, num_subsets=20, subset_size=100, seed=5)
+    assert ours == pytest.approx(inception_fid.kid(x, y, 20, 100, seed=5), rel=1e-10)
+    same = np.array([kid(rng.standard_normal((200, 10)), rng.standard_normal((200, 10)),
+                         num_subsets=1, subset_size=200, seed=s)[0] for s in range(40)])
+    # unbiased: the mean over independent draws is 0 within its standard error
+    assert abs(same.mean()) < 3 * same.std() / np.sqrt(len(same))
+    assert (same < 0).any() and (same > 0).any()
+    shifted = kid(x, y + 0.5, num_subsets=20, subset_size=100, seed=5)[0]
+    assert shifted > 20 * same.std()
+
+
+def test_all_metrics_identical_sets_and_errors():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((60, 6))
+    m = all_metrics(x, x.copy(), nearest_k=3, kid_subsets=5, kid_subset_size=30)
+    assert m["fd"] == pytest.approx(0, abs=1e-8)
+    assert m["precision"] == m["recall"] == m["coverage"] == 1.0
+    assert m["n_real"] == m["n_fake"] == 60 and m["dims"] == 6
+    with pytest.raises(ValueError, match="dimensions differ"):
+        all_metrics(x, x[:, :5])
+    with pytest.raises(ValueError, match="non-finite"):
+        all_metrics(x, np.full((4, 6), np.nan))
