@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 WEIGHTS = ("auto", "ema", "raw")
 EMA_PREFIX = "model_ema."
 EMA_BOOKKEEPING = ("decay", "num_updates")
-# PathLDM's track_fid built an Inception inside the model; old transformers saved position_ids.
-IGNORED_PREFIXES = ("inception.",)
-IGNORED_SUFFIXES = ("embeddings.position_ids",)
+# The legacy keys, listed once for every loader: what checkpoints of the original carry and our
+# models lack by design. PathLDM's track_fid built an Inception inside the model; transformers
+# < 4.31 saved the text tower's position ids.
+LEGACY_PREFIXES = ("inception.",)
+LEGACY_SUFFIXES = ("embeddings.position_ids",)
 # numpy dtypes whose classes a weights-only load may meet (callback and loop states)
 NUMPY_DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")
 TRUST_FLAG = "--trust-checkpoint"
@@ -230,16 +232,10 @@ def load_config(source: ConfigSource) -> dict[str, Any]:
 
     if isinstance(source, Mapping):
         return OmegaConf.to_container(OmegaConf.create(dict(source)), resolve=True)
-    paths = [source] if isinstance(source, (str, Path)) else list(source or [])
-    if not paths:
-        raise ValueError("no config given")
-    for p in paths:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"config not found: {p}")
-    from ldm.config import merge_configs
+    from ldm.config import load_config as load_yaml_configs
 
-    merged = merge_configs(*[OmegaConf.load(p) for p in paths])
-    return OmegaConf.to_container(merged, resolve=True)
+    paths = [source] if isinstance(source, (str, Path)) else list(source or [])
+    return OmegaConf.to_container(load_yaml_configs(paths), resolve=True)
 
 
 def model_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -308,9 +304,15 @@ def ema_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def _ignored_keys(sd: Mapping[str, Any], own: Mapping[str, Any]) -> list[str]:
-    return [k for k in sd if k not in own
-            and (k.startswith(IGNORED_PREFIXES) or k.endswith(IGNORED_SUFFIXES))]
+def legacy_keys(state_dict: Mapping[str, Any], own: Mapping[str, Any] | None = None) -> list[str]:
+    """Legacy keys of ``state_dict`` (see ``LEGACY_PREFIXES``), those ``own`` lacks if given."""
+    return [k for k in state_dict if (own is None or k not in own)
+            and (k.startswith(LEGACY_PREFIXES) or k.endswith(LEGACY_SUFFIXES))]
+
+
+def legacy_group(key: str) -> str:
+    """How a legacy key is reported: its top module for a prefix (``inception``), else itself."""
+    return key.split(".")[0] if key.startswith(LEGACY_PREFIXES) else key
 
 
 def find_config(ckpt: Mapping[str, Any], ckpt_path: Path, config: ConfigSource) -> dict:
@@ -350,9 +352,9 @@ def load_model(path_or_rundir: str | Path, config: ConfigSource = None, weights:
     own = model.state_dict()
     if use_ema:
         sd = {**sd, **{k: v for k, v in ema_state_dict(sd).items() if k.startswith("model.")}}
-    ignored = _ignored_keys(sd, own)
+    ignored = legacy_keys(sd, own)
     if ignored:
-        groups = sorted({k.split(".")[0] if k.startswith(IGNORED_PREFIXES) else k for k in ignored})
+        groups = sorted({legacy_group(k) for k in ignored})
         logger.info("ignoring %d checkpoint keys the model does not use: %s", len(ignored), groups)
     ema_keys = [k for k in sd if k.startswith(EMA_PREFIX) and k not in own]
     missing_ema_only = all(k.startswith(EMA_PREFIX) for k in own if k not in sd)

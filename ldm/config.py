@@ -1,4 +1,8 @@
-"""Merging YAML configs in order, with overlays that can replace or drop what lies below.
+"""Loading YAML configs: one file, or several merged in order with ``key=value`` overrides.
+
+Every config a command reads (``main.py --base``, a checkpoint's run directory, the scripts'
+``--config``) goes through :func:`read_yaml` / :func:`load_config`, so errors name the file the
+same way everywhere.
 
 ``OmegaConf.merge`` only adds and overrides keys. An overlay (e.g. ``configs/ablations/*.yaml``
 on ``configs/pathldm.yaml``) sometimes has to remove some: a class embedder has no
@@ -11,13 +15,54 @@ Both are consumed by the merge; the merged config (the one a run saves) never ho
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 REPLACE = "_replace_"
 DROP = "_drop_"
+
+
+class ConfigError(ValueError):
+    """A user error in flags, configs or files; commands print it without a traceback."""
+
+
+def read_yaml(path: str | Path, flag: str = "") -> DictConfig:
+    """One YAML config; a one-line error naming the file (and ``flag``) if missing or invalid."""
+    path = Path(path)
+    where = f"{flag}: " if flag else ""
+    if not path.is_file():
+        raise ConfigError(f"{where}config file {path} does not exist")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry the line number
+        raise ConfigError(f"cannot parse config {path}: {' '.join(str(e).split())}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"config {path} is not a mapping of keys (got a list)")
+    return cfg
+
+
+def load_config(paths: Sequence[str | Path], overrides: Sequence[str] = (),
+                flag: str = "") -> DictConfig:
+    """YAML files merged in order (:func:`merge_configs`), then ``key=value`` overrides."""
+    if not paths:
+        raise ConfigError("no config given" + (f": pass {flag} CONFIG.yaml (several are merged "
+                                               "in order)" if flag else ""))
+    configs = [read_yaml(p, flag) for p in paths]
+    bad = [d for d in overrides if "=" not in d or d.startswith("-")]
+    if bad:
+        raise ConfigError(f"unrecognized arguments {bad}: overrides are written key=value, e.g. "
+                          "data.params.batch_size=8")
+    try:
+        cli = OmegaConf.from_dotlist(list(overrides))
+    except Exception as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from e
+    try:
+        return merge_configs(*configs, cli)
+    except ValueError as e:
+        raise ConfigError(f"cannot merge {', '.join(map(str, paths))}: {e}") from e
 
 
 def _apply_directives(base: dict, overlay: dict, where: str) -> None:

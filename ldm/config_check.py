@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ldm.config import read_yaml
+
 # Keys main.py reads in each top-level section (``lightning.run`` records earlier sessions).
 SECTIONS = {
     "model": ("target", "params", "base_learning_rate", "scale_lr"),
@@ -33,7 +35,7 @@ class _Context:
     """Where keys come from: the command line or the last config file that sets them."""
 
     def __init__(self, files: Sequence[str | Path], overrides: Sequence[str]) -> None:
-        self.files = [(str(f), OmegaConf.load(f)) for f in files]
+        self.files = [(str(f), read_yaml(f)) for f in files]
         self.cli = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
         self.problems: list[str] = []
 

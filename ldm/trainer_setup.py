@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
-from ldm.config import merge_configs
+from ldm.config import ConfigError
+from ldm.config import load_config as _load_config
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +22,6 @@ RUN_TIMESTAMP_ENV = "PATHLDM_RUN_TIMESTAMP"
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H-%M-%S"
 DEVICE_KEYS = ("accelerator", "devices", "num_nodes", "gpus")
 DEFAULT_SEED = 23
-
-
-class ConfigError(Exception):
-    """A user error in flags, configs or files; ``main.py`` prints it without a traceback."""
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -98,30 +95,8 @@ def resolve_run(base: Sequence[str], resume: str | None, name: str | None, postf
 
 # ----------------------------------------------------------------------------- configs
 def load_config(paths: Sequence[str | Path], dotlist: Sequence[str]) -> DictConfig:
-    """Merge YAML files in order, then ``key=value`` overrides."""
-    if not paths:
-        raise ConfigError("no config given: pass --base CONFIG.yaml (several are merged in order)")
-    configs = []
-    for p in paths:
-        p = Path(p)
-        if not p.is_file():
-            raise ConfigError(f"--base: config file {p} does not exist")
-        try:
-            configs.append(OmegaConf.load(p))
-        except Exception as e:  # yaml errors carry the line number
-            raise ConfigError(f"cannot parse config {p}: {e}") from e
-    bad = [d for d in dotlist if "=" not in d or d.startswith("-")]
-    if bad:
-        raise ConfigError(f"unrecognized arguments {bad}: overrides are written key=value, e.g. "
-                          "data.params.batch_size=8")
-    try:
-        cli = OmegaConf.from_dotlist(list(dotlist))
-    except Exception as e:
-        raise ConfigError(f"cannot parse overrides {list(dotlist)}: {e}") from e
-    try:
-        config = merge_configs(*configs, cli)
-    except ValueError as e:
-        raise ConfigError(f"cannot merge {', '.join(map(str, paths))}: {e}") from e
+    """Merge YAML files in order, then ``key=value`` overrides (:func:`ldm.config.load_config`)."""
+    config = _load_config(paths, dotlist, flag="--base")
     for section in ("model", "data"):
         if section not in config or "target" not in config[section]:
             raise ConfigError(f"the merged config has no '{section}.target' (files: "

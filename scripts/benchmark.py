@@ -68,7 +68,9 @@ def build_spec(args: argparse.Namespace) -> dict[str, Any]:
     """Everything a worker needs, as plain data: model params, settings, inputs' shapes."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(args.config)
+    from ldm.config import read_yaml
+
+    cfg = read_yaml(args.config)
     if "model" not in cfg or "unet_config" not in cfg.model.get("params", {}):
         raise KeyError(f"{args.config}: expected model.params.unet_config (a LatentDiffusion "
                        "config)")

@@ -23,11 +23,9 @@ from pathlib import Path
 
 def first_stage_config(paths: list[str], ckpt: str | None):
     """The first-stage config of an LDM config, or an autoencoder config used as a first stage."""
-    from omegaconf import OmegaConf
+    from ldm.config import load_config
 
-    from ldm.config import merge_configs
-
-    cfg = merge_configs(*[OmegaConf.load(p) for p in paths]).model
+    cfg = load_config(paths).model
     stage = cfg.params.first_stage_config if "first_stage_config" in cfg.params else cfg
     stage = stage.copy()
     stage.params.lossconfig = {"target": "torch.nn.Identity"}

@@ -25,10 +25,10 @@ from typing import Any
 from ldm.argtypes import positive_int
 from ldm.checkpoint import (
     EMA_PREFIX,
-    IGNORED_PREFIXES,
-    IGNORED_SUFFIXES,
+    LEGACY_PREFIXES,
     ema_state_dict,
     find_config,
+    legacy_keys,
     model_config,
     read_checkpoint,
     resolve_checkpoint,
@@ -91,11 +91,6 @@ def key_groups(state_dict: Mapping[str, Any], depth: int) -> dict[str, dict[str,
     return dict(groups)
 
 
-def legacy_keys(state_dict: Mapping[str, Any]) -> list[str]:
-    """Keys that loading ignores: PathLDM's in-model Inception and old text position ids."""
-    return [k for k in state_dict if k.startswith(IGNORED_PREFIXES) or k.endswith(IGNORED_SUFFIXES)]
-
-
 def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     """Print key groups and checkpoint metadata."""
     path = resolve_checkpoint(args.ckpt)
@@ -111,7 +106,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
                "lightning_version": ckpt.get("pytorch-lightning_version"),
                "embedded_config": config is not None, "model_target": target,
                "ema_keys": len(ema), "ignored_on_load": sorted(
-                   {k.split(".")[0] + ".*" if k.startswith(IGNORED_PREFIXES) else k
+                   {k.split(".")[0] + ".*" if k.startswith(LEGACY_PREFIXES) else k
                     for k in legacy}),
                "groups": key_groups(sd, args.depth)}
     print(format_table(["group", "keys", "params"],

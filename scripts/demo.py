@@ -72,16 +72,16 @@ def train_vq(store: Path, out: Path, steps: int, seed: int) -> Path:
     configs/autoencoder/; neither pretrained weights nor VGG are available offline.)
     """
     import torch
-    from omegaconf import OmegaConf
     from tqdm import tqdm
 
+    from ldm.config import read_yaml
     from ldm.data.tcga import TCGAPatchDataset
     from ldm.util import instantiate_from_config
 
     ckpt = out / "last.ckpt"
     if ckpt.is_file():
         return ckpt
-    cfg = OmegaConf.load(LDM_CONFIG).model.params.first_stage_config
+    cfg = read_yaml(LDM_CONFIG).model.params.first_stage_config
     cfg.params.pop("ckpt_path", None)
     torch.manual_seed(seed)
     vq = instantiate_from_config(cfg).train()
@@ -110,13 +110,11 @@ def train_vq(store: Path, out: Path, steps: int, seed: int) -> Path:
 
 def train_ldm(store: Path, vq: Path, text: Path, logdir: Path, steps: int, seed: int) -> Path:
     """Train configs/demo/ldm_tiny.yaml with main.py; returns the run directory."""
-    import torch
-
     import main
+    from ldm.checkpoint import read_checkpoint
 
     done = [r for r in sorted(logdir.glob("*_demo")) if (r / "checkpoints" / "last.ckpt").is_file()
-            and torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu",
-                           weights_only=True).get("global_step") == steps]
+            and read_checkpoint(r / "checkpoints" / "last.ckpt").get("global_step") == steps]
     if done:
         return done[-1]
     before = set(logdir.glob("*_demo"))

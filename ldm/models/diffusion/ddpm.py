@@ -21,6 +21,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from ldm.checkpoint import legacy_keys
 from ldm.models.diffusion import schedule as S
 from ldm.modules.ema import LitEma
 from ldm.optim import adamw
@@ -31,12 +32,6 @@ logger = logging.getLogger(__name__)
 __conditioning_keys__ = {"concat": "c_concat", "crossattn": "c_crossattn", "adm": "y"}
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 
-# Keys that checkpoints of the original carry but our models may lack: PathLDM's in-training
-# FID network and the text tower's position ids (persistent only in transformers < 4.31).
-LEGACY_EXTRA_KEYS = (
-    "inception.",
-    "cond_stage_model.transformer.text_model.embeddings.position_ids",
-)
 
 
 class DiffusionWrapper(nn.Module):
@@ -194,8 +189,7 @@ class DDPM(pl.LightningModule):
                            if any(k.startswith(p) for k in sd)), None)
             return load_checkpoint_into(self.model.diffusion_model, sd, prefix=prefix,
                                         ignore_keys=ignore_keys, name="diffusion_model")
-        own = self.state_dict()
-        extra = [p for p in LEGACY_EXTRA_KEYS if not any(k.startswith(p) for k in own)]
+        extra = legacy_keys(sd, self.state_dict())
         if not self.use_ema:
             extra.append("model_ema.")
         reinit_ema = self.use_ema and not any(k.startswith("model_ema.") for k in sd)

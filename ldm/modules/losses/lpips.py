@@ -144,7 +144,9 @@ class VGG16Features(nn.Module):
 
     def load_torchvision(self, path: str | os.PathLike) -> None:
         """Load ``features.{i}.*`` from a torchvision VGG16 state_dict file."""
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        from ldm.checkpoint import load_torch_file
+
+        sd = load_torch_file(path, trust=False)  # plain tensors: never a full pickle
         mapping = {f"features.{idx}.{p}": f"slice{i}.{idx}.{p}"
                    for i, (start, stop) in enumerate(_SLICE_BOUNDS, start=1)
                    for idx in range(start, stop) for p in ("weight", "bias")}
@@ -201,7 +203,9 @@ class LPIPS(nn.Module):
         vgg_path = resolve_vgg16_weights(vgg_weights)
         lin_path = resolve_lpips_weights(lpips_weights)
         self.net.load_torchvision(vgg_path)
-        sd = torch.load(lin_path, map_location="cpu", weights_only=True)
+        from ldm.checkpoint import load_torch_file
+
+        sd = load_torch_file(lin_path, trust=False)
         lin_keys = [f"lin{i}.model.{len(getattr(self, f'lin{i}').model) - 1}.weight"
                     for i in range(len(self.chns))]
         # the file stores the heads with dropout (model.1); map onto our layout either way
