@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ldm.evaluation.images import to_uint8
+from ldm.models.first_stage import FirstStage
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -66,16 +67,14 @@ def reconstruct(model: torch.nn.Module, x: torch.Tensor,
                 sample_posterior: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``(reconstruction, latent shape (C, h, w))`` of images ``x`` in [-1, 1].
 
-    VQ models are decoded through quantization (``VQModelInterface.decode`` quantizes, ``VQModel``
-    encodes to the quantized latent); KL models decode the posterior mode (or a sample).
+    A first stage (``ldm.models.first_stage``) goes through its contract: VQ latents are quantized
+    by ``decode``, KL ones are the posterior mode (or a sample). The training-only ``VQModel``
+    encodes to its quantized latent.
     """
-    enc = model.encode(x)
-    if torch.is_tensor(enc):  # VQModelInterface: pre-quantization latent
-        z = enc
-    elif isinstance(enc, tuple):  # VQModel: (quant, emb_loss, info)
-        z = enc[0]
-    else:  # DiagonalGaussianDistribution of AutoencoderKL
-        z = enc.sample() if sample_posterior else enc.mode()
+    if isinstance(model, FirstStage):
+        z = model.encode_latent(x, sample=sample_posterior)
+    else:  # VQModel: encode gives (quant, emb_loss, info)
+        z = model.encode(x)[0]
     return model.decode(z), tuple(z.shape[1:])
 
 
