@@ -53,9 +53,9 @@ from data_prep.common import (
 from data_prep.hdf5io import (
     encode_jpeg,
     is_complete_tile_store,
-    read_store_attrs,
     write_tile_store,
 )
+from data_prep.tile_rerun import settings_conflicts, slide_id_of, source_changed
 from data_prep.tissue import (  # noqa: F401  (re-exported: the tiler's criteria)
     DSMIL_EDGE_THRESHOLD,
     TISSUE_FILTERS,
@@ -72,12 +72,6 @@ logger = logging.getLogger(__name__)
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif",
                     ".svslide")
 CRITERIA_COUNTS = ("grid_tiles", "kept_by_edges", "kept_by_otsu", "kept_by_both")
-# store attribute -> TileConfig field: the settings a store must share with a run to be kept
-SETTING_ATTRS = {"magnification": "magnification", "tile_size": "tile_size", "stride": "step",
-                 "min_tissue": "min_tissue", "jpeg_quality": "jpeg_quality",
-                 "tissue_filter": "tissue_filter", "edge_threshold": "edge_threshold"}
-# what a store written before a setting existed was tiled with
-SETTING_BEFORE = {"tissue_filter": "otsu"}
 
 
 class SlideError(RuntimeError):
@@ -189,11 +183,6 @@ def read_tile(slide, geom: Geometry, x: int, y: int, tile_size: int) -> Image.Im
     return rgb
 
 
-def slide_id_of(path: Path) -> str:
-    """Slide id: the file name without its last extension."""
-    return path.name[: -len(path.suffix)] if path.suffix else path.name
-
-
 def _open_slide(path: Path):
     import openslide
 
@@ -240,7 +229,7 @@ def tile_slide(path: Path, out_dir: Path, cfg: TileConfig, overwrite: bool = Fal
     out = out_dir / f"{sid}.h5"
     t0 = time.perf_counter()
     if not overwrite and is_complete_tile_store(out):
-        changed = _source_changed(out, path)
+        changed = source_changed(out, path)
         if not changed:
             return {"slide_id": sid, "status": "skipped", "tiles": 0, "seconds": 0.0}
         logger.warning("%s: %s; tiling it again", out.name, changed)
@@ -324,40 +313,6 @@ def _no_tiles_reason(path: Path, geom: Geometry, scores: np.ndarray, tissue: np.
     return (f"{path}: none of its {len(tissue)} tiles has tissue >= --min-tissue "
             f"{cfg.min_tissue:g} (most: {float(tissue.max()):.2f}); lower --min-tissue if this "
             "slide has tissue")
-
-
-def _source_changed(store: Path, path: Path) -> str | None:
-    """Why ``store`` no longer matches the slide file ``path`` (None: it matches)."""
-    try:
-        stored = read_store_attrs(store).get("source_fingerprint")
-        now = file_fingerprint(path)
-    except OSError:
-        return None  # the slide is unreadable: tiling it again would only fail
-    if stored is not None and stored != now:
-        return f"its slide file {path.name} changed since it was tiled"
-    return None
-
-
-def _differs(stored, now) -> bool:
-    """Whether a stored setting differs from a run's (names exactly, numbers within rounding)."""
-    if isinstance(now, str) or isinstance(stored, str):
-        return str(stored) != str(now)
-    return not math.isclose(float(stored), float(now))
-
-
-def settings_conflicts(paths: list[Path], out_dir: Path, cfg: TileConfig) -> list[str]:
-    """Existing stores of ``paths`` tiled with other settings, one description each."""
-    conflicts = []
-    for p in paths:
-        store = out_dir / f"{slide_id_of(p)}.h5"
-        if not is_complete_tile_store(store):
-            continue
-        attrs = {**SETTING_BEFORE, **read_store_attrs(store)}
-        diffs = [f"{a} {attrs[a]} (now {getattr(cfg, f)})" for a, f in SETTING_ATTRS.items()
-                 if a in attrs and _differs(attrs[a], getattr(cfg, f))]
-        if diffs:
-            conflicts.append(f"{store.name}: " + ", ".join(diffs))
-    return conflicts
 
 
 def discover_slides(inputs: list[Path], slide_list: Path | None = None) -> list[Path]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from scripts_loader import script_env
 
 from data_prep.build_dataset import main
 from data_prep.hdf5io import encode_jpeg, update_store_atomic, write_tile_store
@@ -204,7 +204,7 @@ def test_keep_unsummarized_and_mismatched_tile_sizes(tmp_path):
 
 
 def test_cli_help_both_ways():
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = script_env()
     for cmd in ([sys.executable, "-m", "data_prep.build_dataset", "--help"],
                 [sys.executable, "data_prep/build_dataset.py", "--help"]):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

@@ -5,7 +5,6 @@ import _thread
 import csv
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -14,6 +13,7 @@ from pathlib import Path
 import openai
 import pytest
 from chat_server import ChatServer, is_summary_request, report_text_of
+from scripts_loader import script_env
 
 from data_prep.llm import RetryPolicy, call_with_retries, retry_after_seconds
 from data_prep.summarize_reports import main
@@ -272,7 +272,7 @@ def test_retry_after_parsing():
 
 
 def test_cli_help_both_ways():
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = script_env()
     for cmd in ([sys.executable, "-m", "data_prep.summarize_reports", "--help"],
                 [sys.executable, "data_prep/summarize_reports.py", "--help"]):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

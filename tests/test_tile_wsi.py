@@ -1,7 +1,6 @@
 """Tiling: geometry, pixels against direct OpenSlide reads, tissue filter, failures, resume."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image
+from scripts_loader import script_env
 from slide_factory import tissue_image, write_generic_tiff, write_svs
 
 from data_prep.hdf5io import decode_jpeg, encode_jpeg
@@ -213,7 +213,7 @@ def test_shards_are_disjoint_and_cover():
 
 
 def test_cli_help_both_ways():
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = script_env()
     for cmd in ([sys.executable, "-m", "data_prep.tile_wsi", "--help"],
                 [sys.executable, "data_prep/tile_wsi.py", "--help"]):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

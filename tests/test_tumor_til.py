@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from scripts_loader import script_env
 
 from data_prep.hdf5io import decode_jpeg, encode_jpeg, write_tile_store
-from data_prep.tumor_til import (
-    ClassifierSpec,
-    _crops,
-    main,
-    overlap_average,
-    stain_standin,
-)
+from data_prep.patch_classifier import ClassifierSpec, crops
+from data_prep.tumor_til import main, overlap_average, stain_standin
 
 ROOT = Path(__file__).resolve().parents[1]
 L0 = 512  # level-0 side of a tile (256 px at 10x from a 20x slide)
@@ -182,10 +177,10 @@ def test_torchvision_state_dict_classifier(tmp_path):
 def test_crops_cover_the_tile_at_classifier_spacing():
     tile = np.zeros((128, 128, 3), np.uint8)
     spec = ClassifierSpec(path="x", input_size=64, mpp=0.5)
-    assert [c.shape for c in _crops(tile, 1.0, spec)] == [(64, 64, 3)] * 16  # 256 px -> 4x4
+    assert [c.shape for c in crops(tile, 1.0, spec)] == [(64, 64, 3)] * 16  # 256 px -> 4x4
     spec = ClassifierSpec(path="x", input_size=224, mpp=0.25)
-    assert len(_crops(tile, 1.0, spec)) == 9  # 512 px -> 3x3 overlapping crops
-    assert len(_crops(tile, 1.0, ClassifierSpec(path="x", input_size=224))) == 1
+    assert len(crops(tile, 1.0, spec)) == 9  # 512 px -> 3x3 overlapping crops
+    assert len(crops(tile, 1.0, ClassifierSpec(path="x", input_size=224))) == 1
 
 
 def test_stain_standin_is_ranked_and_labelled(tmp_path):
@@ -211,7 +206,7 @@ def test_no_source_is_an_error(tmp_path):
 
 
 def test_cli_help_both_ways():
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = script_env()
     for cmd in ([sys.executable, "-m", "data_prep.tumor_til", "--help"],
                 [sys.executable, "data_prep/tumor_til.py", "--help"]):
         res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
