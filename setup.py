@@ -27,17 +27,18 @@ DATA = ["openai>=1.0,<4"]  # report summaries through an OpenAI-compatible API
 EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
 # the local web app for pathologists (pathldm-app)
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
-# the app's tests drive the system Chromium through Selenium
-# prdc: the reference precision/recall/density/coverage the evaluation metrics are tested against
-TEST = ["pytest>=7.4", "tifffile>=2023.1.1", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1",
-        *DATA, *EVAL, *APP]
-EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "test": TEST, "dev": TEST}
+# pyramidal BigTIFF output of pathldm-sample-large (OpenSlide reads it: openslide is core)
+LARGE = ["tifffile>=2023.1.1"]
+# the app's tests drive the system Chromium through Selenium; prdc: the reference precision/recall/density/coverage the evaluation metrics are tested against
+TEST = ["pytest>=7.4", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1", *DATA, *EVAL, *APP, *LARGE]
+EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "large": LARGE, "test": TEST, "dev": TEST}
 
 # `python scripts/<name>.py` and `python -m data_prep.<name>` keep working; these are the same
 # commands once installed.
 CONSOLE_SCRIPTS = [
     "pathldm-train = main:main",
     "pathldm-sample = scripts.console:sample",
+    "pathldm-sample-large = scripts.console:sample_large",
     "pathldm-fid = scripts.console:fid",
     "pathldm-cas = scripts.console:cas",
     "pathldm-eval-vae = scripts.console:eval_vae",

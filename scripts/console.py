@@ -23,6 +23,7 @@ def _command(script: str) -> Callable[[], None]:
 
 
 sample = _command("sample")
+sample_large = _command("sample_large")
 fid = _command("fid")
 cas = _command("cas")
 eval_vae = _command("eval_vae")
