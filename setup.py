@@ -29,7 +29,8 @@ EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
 # pyramidal BigTIFF output of pathldm-sample-large (OpenSlide reads it: openslide is core)
 LARGE = ["tifffile>=2023.1.1"]
-# the app's tests drive the system Chromium through Selenium; prdc: the reference precision/recall/density/coverage the evaluation metrics are tested against
+# the app's tests drive the system Chromium through Selenium; prdc: the reference
+# precision/recall/density/coverage the evaluation metrics are tested against
 TEST = ["pytest>=7.4", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1", *DATA, *EVAL, *APP, *LARGE]
 EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "large": LARGE, "test": TEST, "dev": TEST}
 
