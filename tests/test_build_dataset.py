@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from scripts_loader import script_env
 
 from data_prep.build_dataset import main
 from data_prep.hdf5io import encode_jpeg, update_store_atomic, write_tile_store
@@ -201,15 +198,6 @@ def test_keep_unsummarized_and_mismatched_tile_sizes(tmp_path):
                                                     "magnification": 10.0})
     with pytest.raises(SystemExit, match="disagree on tile_size"):
         main(["--tiles", str(tiles), "--summaries", str(summaries), "--out", str(out)])
-
-
-def test_cli_help_both_ways():
-    env = script_env()
-    for cmd in ([sys.executable, "-m", "data_prep.build_dataset", "--help"],
-                [sys.executable, "data_prep/build_dataset.py", "--help"]):
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr
-        assert "--split-file" in res.stdout and "--id-chars" in res.stdout
 
 
 def _stores_state(out: Path) -> dict:

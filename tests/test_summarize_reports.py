@@ -5,15 +5,12 @@ import _thread
 import csv
 import json
 import logging
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import openai
 import pytest
 from chat_server import ChatServer, is_summary_request, report_text_of
-from scripts_loader import script_env
 
 from data_prep.llm import RetryPolicy, call_with_retries, retry_after_seconds
 from data_prep.summarize_reports import main
@@ -269,12 +266,3 @@ def test_retry_after_parsing():
     assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
     assert retry_after_seconds({}) is None
-
-
-def test_cli_help_both_ways():
-    env = script_env()
-    for cmd in ([sys.executable, "-m", "data_prep.summarize_reports", "--help"],
-                [sys.executable, "data_prep/summarize_reports.py", "--help"]):
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr
-        assert "--n-summaries" in res.stdout and "--base-url" in res.stdout

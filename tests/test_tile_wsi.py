@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -11,7 +9,6 @@ import numpy as np
 import openslide
 import pytest
 from PIL import Image
-from scripts_loader import script_env
 from slide_factory import tissue_image, write_generic_tiff, write_svs
 
 from data_prep.hdf5io import decode_jpeg, encode_jpeg
@@ -210,12 +207,3 @@ def test_shards_are_disjoint_and_cover():
     shards = [select_shard(items, (i, 3)) for i in range(3)]
     assert sorted(sum(shards, [])) == items
     assert shards[0] == ["s0", "s3", "s6"]
-
-
-def test_cli_help_both_ways():
-    env = script_env()
-    for cmd in ([sys.executable, "-m", "data_prep.tile_wsi", "--help"],
-                [sys.executable, "data_prep/tile_wsi.py", "--help"]):
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr
-        assert "--magnification" in res.stdout and "--shard" in res.stdout

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from scripts_loader import script_env
 
 from data_prep.hdf5io import decode_jpeg, encode_jpeg, write_tile_store
 from data_prep.patch_classifier import ClassifierSpec, crops
@@ -203,15 +200,6 @@ def test_stain_standin_is_ranked_and_labelled(tmp_path):
 def test_no_source_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no probability source"):
         main(["--tiles", str(tmp_path)])
-
-
-def test_cli_help_both_ways():
-    env = script_env()
-    for cmd in ([sys.executable, "-m", "data_prep.tumor_til", "--help"],
-                [sys.executable, "data_prep/tumor_til.py", "--help"]):
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-        assert res.returncode == 0, res.stderr
-        assert "--tumor-csv-dir" in res.stdout and "--stain-standin" in res.stdout
 
 
 def _prob_csv(path: Path, boxes: list[tuple], probs: list[float]) -> None:
