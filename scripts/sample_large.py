@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.argtypes import (  # noqa: E402
+from ldm.argtypes import (
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -38,7 +35,7 @@ from ldm.argtypes import (  # noqa: E402
     seed_int,
     unit_float,
 )
-from ldm.evaluation.cli import (  # noqa: E402
+from ldm.evaluation.cli import (
     add_checkpoint_args,
     configure_logging,
     resolve_device,

@@ -13,7 +13,6 @@ from data_prep.build_dataset import main
 from data_prep.hdf5io import encode_jpeg, update_store_atomic, write_tile_store
 from ldm.data.tcga import TCGAPatchDataset
 
-ROOT = Path(__file__).resolve().parents[1]
 # two slides of patient A1, one each of B2, C3, D4 (no report), E5
 SLIDES = ["TCGA-A1-0001-01Z-00-DX1.aa", "TCGA-A1-0001-01Z-00-DX2.ab",
           "TCGA-B2-0002-01Z-00-DX1.bb", "TCGA-C3-0003-01Z-00-DX1.cc",

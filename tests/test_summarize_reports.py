@@ -21,7 +21,6 @@ try:  # the HTTP package under the openai client (httpx2 in newer releases)
 except ImportError:  # pragma: no cover
     import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-DO-NOT-LEAK-0123456789"
 REPORT_IDS = [f"TCGA-A{i}-000{i}.uuid-{i}" for i in range(3)]
 

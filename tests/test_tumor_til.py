@@ -14,7 +14,6 @@ from data_prep.hdf5io import decode_jpeg, encode_jpeg, write_tile_store
 from data_prep.patch_classifier import ClassifierSpec, crops
 from data_prep.tumor_til import main, overlap_average, stain_standin
 
-ROOT = Path(__file__).resolve().parents[1]
 L0 = 512  # level-0 side of a tile (256 px at 10x from a 20x slide)
 
 
