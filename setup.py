@@ -24,7 +24,8 @@ INSTALL_REQUIRES = [
 ]
 
 DATA = ["openai>=1.0,<4"]  # report summaries through an OpenAI-compatible API
-EVAL = ["pytorch-fid>=0.3,<0.4"]  # FID/KID Inception
+# FID/KID Inception; the evaluation report's plots
+EVAL = ["pytorch-fid>=0.3,<0.4", "matplotlib>=3.7,<4"]
 # the local web app for pathologists (pathldm-app)
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
 # pyramidal BigTIFF output of pathldm-sample-large (OpenSlide reads it: openslide is core)
@@ -41,6 +42,7 @@ CONSOLE_SCRIPTS = [
     "pathldm-sample = scripts.console:sample",
     "pathldm-sample-large = scripts.console:sample_large",
     "pathldm-fid = scripts.console:fid",
+    "pathldm-evaluate = scripts.console:evaluate",
     "pathldm-cas = scripts.console:cas",
     "pathldm-eval-vae = scripts.console:eval_vae",
     "pathldm-ckpt = scripts.console:ckpt_tools",

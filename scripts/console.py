@@ -25,6 +25,7 @@ def _command(script: str) -> Callable[[], None]:
 sample = _command("sample")
 sample_large = _command("sample_large")
 fid = _command("fid")
+evaluate = _command("evaluate")
 cas = _command("cas")
 eval_vae = _command("eval_vae")
 ckpt_tools = _command("ckpt_tools")

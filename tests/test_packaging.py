@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {"pathldm-train", "pathldm-sample", "pathldm-fid", "pathldm-cas", "pathldm-eval-vae",
             "pathldm-ckpt", "pathldm-cache-latents", "pathldm-demo", "pathldm-tile-wsi",
             "pathldm-tumor-til", "pathldm-summarize-reports", "pathldm-build-dataset",
-            "pathldm-prepare-demo", "pathldm-app", "pathldm-sample-large"}
+            "pathldm-prepare-demo", "pathldm-app", "pathldm-sample-large",
+            "pathldm-evaluate"}
 
 
 @pytest.fixture(scope="module")
