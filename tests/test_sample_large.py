@@ -232,3 +232,52 @@ def test_seam_score_sees_steps_at_window_borders():
     assert len(crops) == 5 and all(c.shape == (16, 16, 3) for c in crops)
     assert all(np.array_equal(a, b) for a, b in zip(crops, random_crops(
         [seamed.astype(np.uint8)], 5, crop=16, seed=1)))
+
+
+def test_layout_run_writes_png_tiff_and_metadata(text_ckpt, tmp_path):
+    """A 48x32 canvas, two regions blended, as PNG and OpenSlide-readable TIFF with metadata."""
+    import argparse
+
+    import openslide
+
+    (tmp_path / "layout.csv").write_text("high/low,low/high\n")
+    meta = load_script("sample_large").main([
+        "--ckpt", str(text_ckpt), "--size", "48", "32", "--layout", str(tmp_path / "layout.csv"),
+        "--summary", SUMMARY, "--layout-mode", "blend", "--steps", "2", "--batch", "12",
+        "--tiff", "--device", "cpu", "--outdir", str(tmp_path / "out")])
+    png = _png(tmp_path / "out" / "image.png")
+    assert png.shape == (32, 48, 3) and meta["outputs"] == ["image.png", "image.tiff"]
+    assert len(meta["windows"]) == 3 * 4 and meta["latent_size"] == [24, 16]
+    assert meta["layout"]["grid"] == [["high/low", "low/high"]]
+    assert meta["conditions"] == [f"high tumor; low til; {SUMMARY}",
+                                  f"low tumor; high til; {SUMMARY}"]
+    assert set(meta["seam_score"]) == {"border", "inside", "ratio"} and meta["peak_rss_mib"] > 0
+    saved = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert saved["window_regions"] == json.loads(json.dumps(meta["window_regions"]))
+    slide = openslide.OpenSlide(tmp_path / "out" / "image.tiff")
+    assert slide.dimensions == (48, 32) and float(slide.properties["openslide.mpp-x"]) == 1.0
+    assert np.array_equal(np.asarray(slide.read_region((0, 0), 0, (48, 32)).convert("RGB")), png)
+    slide.close()
+    for size, match in [((33, 32), "multiples of 2"), ((14, 32), "at least that")]:
+        with pytest.raises(ValueError, match=match):
+            load_script("sample_large").canvas_shape(argparse.Namespace(size=size), 2, 8)
+
+
+def test_crop_fid_prefers_crops_of_the_same_tissue(tmp_path):
+    """Crop-FID (fid.py's Frechet distance on Inception features, random weights here)."""
+    from slide_factory import tissue_image
+    from test_fid import random_fid_inception_state_dict
+
+    from ldm.evaluation.large_images import ArrayImages, crop_fid, random_crops
+
+    weights = tmp_path / "inception.pth"
+    torch.save(random_fid_inception_state_dict(), weights)
+    large = [tissue_image(96, 96, seed=s) for s in range(2)]
+    real = random_crops([tissue_image(96, 96, seed=s) for s in range(2, 4)], 8, 32, seed=5)
+    shifted = [np.clip(r.astype(int) + 60, 0, 255).astype(np.uint8) for r in real]
+    same = crop_fid(large, ArrayImages(real), n_crops=8, crop=32, dims=64,
+                    inception_weights=weights)
+    other = crop_fid(large, ArrayImages(shifted), n_crops=8, crop=32, dims=64,
+                     inception_weights=weights)
+    assert same["n_crops"] == 8 and same["n_real"] == 8
+    assert 0 <= same["crop_fid"] < other["crop_fid"]
