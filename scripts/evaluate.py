@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="saved reference feature files (features_<ext>.npz) to use instead of "
                         "computing them; their protocol must match the requested one")
     p.add_argument("--train", type=Path, default=None,
-                   help="training split store for memorisation and the probe (default: "
-                        "--reference)")
+                   help="training split store for memorisation (all of it unless --train-n) "
+                        "and the probe (default: the --reference images)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--extractor", nargs="+", default=["inception"], help="feature spaces")
     p.add_argument("--text-extractor", default="auto",
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("protocol")
     g.add_argument("--n", type=positive_int, default=None,
                    help="random subset of this many images per set (default: all)")
+    g.add_argument("--train-n", type=positive_int, default=None,
+                   help="random subset of the --train set (default: all of it, so memorisation "
+                        "searches every training patch)")
     g.add_argument("--seed", type=seed_int, default=0, help="seed of subsets, KID, shuffles")
     g.add_argument("--center-crop", type=positive_int, default=None, help="centre crop first")
     g.add_argument("--resize", type=positive_int, default=None, help="then bicubic resize")
@@ -130,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.reference is None and not (args.features_only or args.reference_features):
         raise ValueError("give --reference (or --reference-features / --features-only)")
     sources: dict[str, Path | None] = {REFERENCE: args.reference, **samples}
-    if args.train is not None and args.train != args.reference:
+    if args.train is not None:
         sources[TRAIN] = args.train
     device = None if args.features_only else resolve_device(args.device)
     ev = Evaluation(args, sources, list(samples), device)

@@ -118,13 +118,14 @@ def test_jpeg_samples_flagged_and_exact_copy_memorised(data, tmp_path):
     copy.save(folder / "copy.png")
     res = _run(["--samples", str(folder), "--reference", str(data["store"]), "--extractor",
                 f"hf:{data['clip']}", "--out", str(tmp_path / "out"), "--text-extractor",
-                "none"])
+                "none", "--train", str(data["store"])])
     assert len(res["flags"]) == 1 and "11 of 12 images are JPEG" in res["flags"][0]
     mem = res["memorisation"][f"hf:{data['clip']}"]["jpeg"]
     assert mem["n_exact_copies"] == 1 and mem["n_flagged"] >= 1
     assert mem["closest_pairs"][0] == {"sample": "copy.png", "train": "train.h5[5]",
                                        "distance": 0.0, "ratio": 0.0}
-    assert res["text_image"] is None
+    assert res["text_image"] is None and res["protocol"]["train"]["n"] == 48
+    assert res["probe"][f"hf:{data['clip']}"]["jpeg"]["tumor"]["real_held_out_n"] == 9
 
 
 def test_memorisation_flags_exact_copy():
@@ -188,7 +189,7 @@ def test_timm_local_dir_and_missing_weights(tmp_path):
 
     torch.manual_seed(0)
     save_for_hf(timm.create_model("test_vit"), tmp_path / "vit")
-    ext = load_extractor(f"timm:{tmp_path / 'vit'}")
+    ext = load_extractor(f"timm:{tmp_path / 'vit'},drop_rate=0.0")
     x = ext.preprocess(Image.new("RGB", (40, 40), (200, 100, 150)))
     assert tuple(x.shape) == (3, 160, 160) and ext.embed(x[None]).shape == (1, 64)
     assert ext.provenance["preprocessing"]["interpolation"] == "bicubic"

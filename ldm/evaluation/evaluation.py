@@ -66,7 +66,8 @@ class Evaluation:
             path = self.sources[name]
             if path is None:
                 raise ValueError(f"set {name!r}: no images given and no saved features")
-            self.images[name] = open_image_set(path, n=self.args.n, seed=self.args.seed,
+            n = self.args.train_n if name == TRAIN else self.args.n
+            self.images[name] = open_image_set(path, n=n, seed=self.args.seed,
                                                transform=self.transform)
         return self.images[name]
 
@@ -172,6 +173,11 @@ class Evaluation:
             out[name] = mem.summary(res, fake["names"], train["names"])
         return out
 
+    def same_real_sets(self, spec: str) -> bool:
+        """Whether the training features come from the reference's images (no held-out reals)."""
+        train = self.features[(self.train_name(), spec)]["meta"]["images"]["path"]
+        return train == self.features[(REFERENCE, spec)]["meta"]["images"]["path"]
+
     def train_name(self) -> str:
         """The set that stands for the training split."""
         return TRAIN if TRAIN in self.sources else REFERENCE
@@ -180,7 +186,7 @@ class Evaluation:
         """Linear tumor/TIL probe: train split -> held-out real patches and each sample set."""
         train = self.features[(self.train_name(), spec)]
         x, levels = train["features"], train["levels"]
-        if self.train_name() == REFERENCE:  # hold out a seeded part of the one real set
+        if self.same_real_sets(spec):  # hold out a seeded part of the one real set
             rng = np.random.default_rng(self.args.seed)
             ho = np.zeros(len(x), dtype=bool)
             ho[rng.choice(len(x), max(1, int(HELD_OUT_FRACTION * len(x))), replace=False)] = True

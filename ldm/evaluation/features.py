@@ -7,7 +7,9 @@ An extractor is named by a spec:
 - ``plip``: the PLIP image tower (``vinid/plip``); ``clip``: OpenAI CLIP ViT-B/32.
 - ``hf:<hub id or local dir>``: any Hugging Face vision model (CLIP-like models give their
   projected image embedding, others the pooled output or the CLS token).
-- ``timm:<model name, hf-hub:<id> or local dir>``: a timm model without its classifier.
+- ``timm:<model name, hf-hub:<id> or local dir>[,key=value...]``: a timm model without its
+  classifier; ``key=value`` pairs go to ``timm.create_model`` (e.g. UNI's
+  ``init_values=1e-5,dynamic_img_size=True``).
 - ``open_clip:<model>@<pretrained tag or weights file>`` or ``open_clip:hf-hub:<id>``.
 
 Preprocessing (resize, crop, normalisation) follows each model's own config. Weights are
@@ -86,9 +88,9 @@ def load_extractor(spec: str, device: torch.device | str = "cpu",
     if kind not in loaders or (kind != "inception" and not source):
         raise ValueError(f"unknown extractor {spec!r}; use inception[:dims], plip, clip, "
                          "hf:<id or dir>, timm:<name or dir>, open_clip:<model>@<pretrained>")
-    local = source.startswith(("/", "./", "../", "~"))
-    if local and not Path(source).expanduser().is_dir():
-        raise FeatureWeightsNotFound(f"extractor {spec!r}: local model directory {source} does "
+    folder = source.split(",")[0] if kind == "timm" else source
+    if folder.startswith(("/", "./", "../", "~")) and not Path(folder).expanduser().is_dir():
+        raise FeatureWeightsNotFound(f"extractor {spec!r}: local model directory {folder} does "
                                      "not exist (give the folder holding config.json and the "
                                      "weights, or a hub id)")
     ext = loaders[kind](spec, source, device, inception_weights, allow_download)
@@ -120,13 +122,17 @@ def _inception(spec: str, source: str, device: torch.device, weights: Any,
 
 
 def _pooled(out: Any) -> torch.Tensor:
-    """A model output's image embedding (tensor, pooler output, or CLS token)."""
+    """A vision model output's image embedding.
+
+    A tensor as it is (CLIP's projected embedding); a transformer's CLS token (its pooler, as
+    in ViT/Phikon, may be untrained); a convolutional model's pooled output.
+    """
     if isinstance(out, torch.Tensor):
         return out
-    pooled = getattr(out, "pooler_output", None)
-    if pooled is not None:
-        return pooled.flatten(1)
-    return out.last_hidden_state[:, 0]
+    hidden = getattr(out, "last_hidden_state", None)
+    if hidden is not None and hidden.ndim == 3:
+        return hidden[:, 0]
+    return out.pooler_output.flatten(1)
 
 
 def _hf(spec: str, source: str, device: torch.device, weights: Any,
@@ -150,7 +156,8 @@ def _hf(spec: str, source: str, device: torch.device, weights: Any,
 
     def embed(x: torch.Tensor) -> torch.Tensor:
         if clip_like:
-            return _pooled(model.get_image_features(pixel_values=x))
+            out = model.get_image_features(pixel_values=x)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
         return _pooled(model(pixel_values=x))
 
     encode_text = None
@@ -161,7 +168,8 @@ def _hf(spec: str, source: str, device: torch.device, weights: Any,
         def encode_text(texts: Sequence[str]) -> torch.Tensor:
             tok = tokenizer(list(texts), padding=True, truncation=True, max_length=max_len,
                             return_tensors="pt").to(device)
-            return _pooled(model.get_text_features(**tok))
+            out = model.get_text_features(**tok)
+            return out if isinstance(out, torch.Tensor) else out.pooler_output
 
     prov = {"name": f"Hugging Face {type(model).__name__} {source}",
             "weights_sha256": state_dict_hash(model),
@@ -174,9 +182,10 @@ def _timm(spec: str, source: str, device: torch.device, weights: Any,
     import timm
     from timm.data import create_transform, resolve_data_config
 
+    source, kwargs = split_kwargs(source)
     name = f"local-dir:{source}" if Path(source).is_dir() else source
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        model = timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
     except (OSError, RuntimeError) as e:  # hub cache miss offline, missing file
         raise _missing(spec, source, e) from None
     model = model.eval().to(device)
@@ -186,6 +195,23 @@ def _timm(spec: str, source: str, device: torch.device, weights: Any,
             "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in data_config.items()}}
     return Extractor(spec, lambda img: transform(img.convert("RGB")), model, device, prov)
+
+
+def split_kwargs(source: str) -> tuple[str, dict[str, Any]]:
+    """``name,key=value,...`` to the name and keyword arguments (values as Python literals)."""
+    import ast
+
+    name, *pairs = source.split(",")
+    kwargs: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"extractor argument {pair!r} of {source!r} is not key=value")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return name, kwargs
 
 
 def _open_clip(spec: str, source: str, device: torch.device, weights: Any,
