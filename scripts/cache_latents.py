@@ -21,22 +21,6 @@ import sys
 from pathlib import Path
 
 
-def first_stage_config(paths: list[str], ckpt: str | None):
-    """The first-stage config of an LDM config, or an autoencoder config used as a first stage."""
-    from ldm.config import load_config
-
-    cfg = load_config(paths).model
-    stage = cfg.params.first_stage_config if "first_stage_config" in cfg.params else cfg
-    stage = stage.copy()
-    stage.params.lossconfig = {"target": "torch.nn.Identity"}
-    if ckpt:
-        stage.params.ckpt_path = ckpt
-    if not stage.params.get("ckpt_path"):
-        raise ValueError("the first stage has no ckpt_path: pass --ckpt (random weights would "
-                         "make useless latents)")
-    return stage
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     from ldm.argtypes import positive_int
@@ -60,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from ldm.checkpoint import set_trust
+    from ldm.checkpoint import load_config, set_trust
     from ldm.data.latents import cache_latents
-    from ldm.util import instantiate_from_config
+    from ldm.evaluation.reconstruction import load_first_stage
 
     set_trust(args.trust_checkpoint)
     device = args.device
@@ -71,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not Path(args.store).is_file():
             raise FileNotFoundError(f"store not found: {args.store}")
-        model = instantiate_from_config(first_stage_config(args.config, args.ckpt))
+        model = load_first_stage(load_config(args.config), args.ckpt)
         out = cache_latents(args.store, model, args.out, batch_size=args.batch_size,
                             flips=not args.no_flips, device=device)
     except (FileNotFoundError, ValueError, KeyError) as e:
