@@ -231,6 +231,7 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
         check_steps,
         conditioning_kind,
         generate_to_folder,
+        plan_condition,
         warn_long_prompts,
     )
 
@@ -261,7 +262,7 @@ def cmd_generate(args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]
     if kind == "text":
         warn_long_prompts(model, [r["caption"] for r in mine])
     items = [{"path": args.outdir / r["file"], "seed": r["seed"],
-              "cond": r["caption"] if kind == "text" else r["class_label"]} for r in mine]
+              "cond": plan_condition(r)} for r in mine]
     made = generate_to_folder(model, items, args.batch_size, args.steps, args.scale, args.eta,
                               desc=f"{split} s={args.scale:g} shard {shard}/{n_shards}")
     logger.info("%s: %d new images (shard %d/%d holds %d)", args.outdir, made, shard, n_shards,
@@ -302,14 +303,19 @@ def _write_part(args: argparse.Namespace, model: Any, sampler: Any, kind: str,
     import numpy as np
 
     from data_prep.hdf5io import encode_jpeg, write_split_store
-    from ldm.evaluation.sampling import caption_plan, sample_batch, warn_long_prompts
+    from ldm.evaluation.sampling import (
+        caption_plan,
+        plan_condition,
+        sample_batch,
+        warn_long_prompts,
+    )
 
     start = part * args.part_size
     plan = caption_plan(store, min(args.part_size, args.n - start), seed=args.seed,
                         sampling=args.prompt_sampling, start=start)
-    conds = [r["caption"] if kind == "text" else r["class_label"] for r in plan]
+    conds = [plan_condition(r) for r in plan]
     if kind == "text":
-        warn_long_prompts(model, conds)
+        warn_long_prompts(model, [r["caption"] for r in plan])
     images: list[np.ndarray] = []
     tile_size = 0
     for i in range(0, len(plan), args.batch_size):

@@ -153,12 +153,12 @@ def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str,
     Image k's seed derives from k, or with ``shared_columns`` from its column j, so every
     prompt's j-th image starts from the same noise.
     """
-    from ldm.evaluation.sampling import image_seed, levels_from_caption
+    from ldm.data.captions import UNCONDITIONAL_CLASS, levels_from_caption, levels_of_class
+    from ldm.evaluation.sampling import image_seed
 
-    names = {0: ("low", "low"), 1: ("low", "high"), 2: ("high", "low"), 3: ("high", "high")}
     images = []
     for p, cond in enumerate(conds):
-        levels = (names.get(cond) if kind == "class"
+        levels = (levels_of_class(cond) if kind == "class" and cond != UNCONDITIONAL_CLASS
                   else levels_from_caption(cond) if kind == "text" else None)
         for j in range(n):
             k = p * n + j

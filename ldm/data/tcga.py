@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from ldm.data.captions import (
     UNCONDITIONAL_CLASS,
     caption_from_levels,
+    class_label_from_level_ids,
+    drop_decisions,
     legacy_class_label,
     level_name,
     prob_to_level,
@@ -56,7 +58,8 @@ class TCGAPatchDataset(Dataset):
     """Patches of one split store with captions ``"{tumor} tumor; {til} til; {summary}"``.
 
     Items are dicts: ``image`` float32 ``(size, size, 3)`` in [-1, 1], ``caption`` (str),
-    ``class_label`` (int, 0-3, or 4 = unconditional) and, with ``latents_path``, ``latent``
+    ``class_label`` (int, 0-3, or 4 = unconditional), ``summary`` (the caption's summary) and,
+    with ``latents_path``, ``latent``
     (the cached pre-quantization first-stage latent of the same crop and flips). Indexed by
     ``i`` or by an ``(epoch, i)`` key, which fixes the sample's random choices (module docstring).
 
@@ -67,7 +70,9 @@ class TCGAPatchDataset(Dataset):
         random_crop: random crop (training) instead of a centre crop.
         flip: random horizontal and vertical flips.
         p_uncond: probability of replacing the conditioning by the unconditional one
-            (caption ``""``, class 4), drawn for every sample.
+            (caption and summary ``""``, class 4), drawn for every sample. Configs whose model
+            uses a Conditioner set the dropout on its embedders (``ucg_rate``) instead and
+            leave this at 0.
         summary_mode: ``first`` (the slide's first summary), ``random`` (a random one of the
             slide's summaries; the five-summaries ablation) or ``wrong_slide`` (a random summary of
             a different slide; the random-summary ablation).
@@ -240,15 +245,15 @@ class TCGAPatchDataset(Dataset):
         elif self.legacy_class_label:
             label = legacy_class_label(self.tumor_prob[idx], self.til_prob[idx])
         else:
-            label = 2 * tumor + til if self.n_levels == 2 else UNCONDITIONAL_CLASS
-        drop = u_drop < self.p_uncond
-        if self.legacy_til_exemption and til is not None and til > 0:
-            drop = False  # the original never dropped high-TIL captions
-        if drop:
-            caption = ""
+            label = (class_label_from_level_ids(tumor, til) if self.n_levels == 2
+                     else UNCONDITIONAL_CLASS)
+        # the original never dropped high-TIL captions
+        exempt = self.legacy_til_exemption and til is not None and til > 0
+        if drop_decisions([u_drop], self.p_uncond, [exempt])[0]:
+            caption = summary = ""
             if not (self.legacy_class_label and label != UNCONDITIONAL_CLASS):
                 label = UNCONDITIONAL_CLASS  # the original overwrote a dropped known label
-        return {"caption": caption, "class_label": label}
+        return {"caption": caption, "class_label": label, "summary": summary.strip()}
 
     def caption(self, tumor: int | None, til: int | None, summary: str) -> str:
         """Training caption from levels (None: unknown, left out as the original did)."""

@@ -14,9 +14,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from tqdm import tqdm
 
-from ldm.data.captions import prob_to_level
+from ldm.data.captions import levels_from_caption, prob_to_level
 from ldm.evaluation.images import ImageDataset, PilTransform, SplitStore, is_store
-from ldm.evaluation.sampling import levels_from_caption
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,9 @@ from ldm.data.captions import (
     LEVEL_NAMES,
     caption_from_levels,
     class_label_from_levels,
+    conditioning_batch,
     level_name,
+    levels_from_caption,
     prob_to_level,
 )
 from ldm.evaluation.images import SplitStore, to_uint8
@@ -50,9 +51,6 @@ def tumor_til_conditions(kind: str, summary: str | None = None) -> list[tuple[st
     return rows
 
 
-_LEVELS_RE = re.compile(r"^\s*(low|high) tumor;\s*(low|high) til;", re.IGNORECASE)
-
-
 def image_seed(seed: int, index: int) -> int:
     """Seed of image ``index`` of a run seeded with ``seed``; independent of batching."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
@@ -66,20 +64,13 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int],
     return torch.stack(noise).to(device)
 
 
-def levels_from_caption(caption: str) -> tuple[str, str] | None:
-    """``(tumor, til)`` level names of a training-format caption, or None."""
-    m = _LEVELS_RE.match(caption)
-    return (m.group(1).lower(), m.group(2).lower()) if m else None
-
-
 def conditioning_kind(model: Any) -> str:
-    """``"text"``, ``"class"`` or ``"none"`` (unconditional) for a LatentDiffusion model."""
-    stage = getattr(model, "cond_stage_model", None)
-    if stage is None:
+    """What a model's conditions are written as: ``"class"`` (it reads only class labels),
+    ``"text"`` (captions; levels and summary are parsed from them) or ``"none"``."""
+    fields = set(model.conditioning_fields())
+    if not fields:
         return "none"
-    from ldm.modules.encoders.modules import ClassEmbedder
-
-    return "class" if isinstance(stage, ClassEmbedder) else "text"
+    return "class" if fields <= {"class_label"} else "text"
 
 
 def count_tokens(model: Any, prompt: str) -> int | None:
@@ -106,18 +97,6 @@ def warn_long_prompts(model: Any, prompts: Sequence[str]) -> int:
     return too_long
 
 
-def raw_conditioning(model: Any, conds: Sequence[str | int]) -> Any:
-    """Input for ``model.get_learned_conditioning``: captions or a class-label batch."""
-    kind = conditioning_kind(model)
-    if kind == "text":
-        return [str(c) for c in conds]
-    if kind == "class":
-        stage = model.cond_stage_model
-        labels = torch.as_tensor([int(c) for c in conds], dtype=torch.long, device=model.device)
-        return {stage.key: labels}
-    return None
-
-
 def class_of(cond: str | int) -> int:
     """Class label of a class-conditional model from a label or a training-format caption."""
     if isinstance(cond, int):
@@ -130,10 +109,13 @@ def class_of(cond: str | int) -> int:
 
 
 @torch.no_grad()
-def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Sequence[int],
+def sample_batch(model: Any, sampler: Any, conds: Sequence[Any], seeds: Sequence[int],
                  steps: int = 50, scale: float = 1.75, eta: float = 0.0,
                  callback: Callable[[int], None] | None = None) -> np.ndarray:
     """Generate one image per ``(cond, seed)`` with DDIM; uint8 ``(B, H, W, 3)``.
+
+    Conditions are captions, class labels or records
+    (:func:`ldm.data.captions.conditioning_batch`).
 
     ``callback(i)`` is called after DDIM step ``i`` (0-based), e.g. to report progress.
 
@@ -145,12 +127,8 @@ def sample_batch(model: Any, sampler: Any, conds: Sequence[str | int], seeds: Se
     b = len(seeds)
     shape = (model.channels, model.image_size, model.image_size)
     x_t = initial_noise(seeds, shape, model.device)
-    c = uc = None
-    raw = raw_conditioning(model, conds)
-    if raw is not None:
-        c = model.get_learned_conditioning(raw)
-        if scale != 1.0:
-            uc = model.get_unconditional_conditioning(b)
+    c = model.get_conditioning(conditioning_batch(conds))
+    uc = model.get_unconditional_conditioning(b) if c is not None and scale != 1.0 else None
     torch.manual_seed(int(seeds[0]))
     samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
                                 unconditional_guidance_scale=scale,
@@ -232,9 +210,14 @@ def caption_plan(store: SplitStore, n: int, seed: int = 0, sampling: str = "unif
                      "tumor": tumor_level, "til": til_level,
                      "class_label": class_label_from_levels(tumor_level, til_level),
                      "patch_index": patch, "slide": str(slides[s]), "slide_index": s,
-                     "summary_index": k,
+                     "summary_index": k, "summary": summaries[s][k],
                      "seed": image_seed(seed, i)})
     return plan
+
+
+def plan_condition(record: dict[str, Any]) -> dict[str, Any]:
+    """The conditioning fields of a :func:`caption_plan` record (every model reads its own)."""
+    return {k: record[k] for k in ("caption", "class_label", "summary") if k in record}
 
 
 def _uniform_draw(summaries: list[list[str]], store: SplitStore) -> Any:

@@ -46,19 +46,23 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: list | None = None,
-                c_crossattn: list | None = None) -> torch.Tensor:
-        """U-Net output for ``x`` at ``t`` with the conditioning of ``conditioning_key``."""
+                c_crossattn: list | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """U-Net output for ``x`` at ``t`` with the conditioning of ``conditioning_key``.
+
+        ``y`` (a Conditioner's vector, or class ids) goes to the U-Net's ``label_emb`` with any
+        key; with ``adm`` it defaults to ``c_crossattn[0]`` (CompVis).
+        """
         key = self.conditioning_key
         if key is None:
-            return self.diffusion_model(x, t)
+            return self.diffusion_model(x, t, y=y)
         if key == "concat":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, y=y)
         if key == "crossattn":
-            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1))
+            return self.diffusion_model(x, t, context=torch.cat(c_crossattn, 1), y=y)
         if key == "hybrid":
             xc = torch.cat([x, *c_concat], dim=1)
-            return self.diffusion_model(xc, t, context=torch.cat(c_crossattn, 1))
-        return self.diffusion_model(x, t, y=c_crossattn[0])  # "adm"
+            return self.diffusion_model(xc, t, context=torch.cat(c_crossattn, 1), y=y)
+        return self.diffusion_model(x, t, y=c_crossattn[0] if y is None else y)  # "adm"
 
 
 class DDPM(pl.LightningModule):

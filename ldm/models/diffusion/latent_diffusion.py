@@ -15,6 +15,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.distributed import global_std
 from ldm.models.first_stage import FirstStage
+from ldm.modules.encoders.conditioner import Conditioner
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -110,24 +111,35 @@ class LatentDiffusion(DDPM):
             param.requires_grad = False
 
     def instantiate_cond_stage(self, config: Mapping | str) -> None:
-        """Build the conditioning encoder (frozen unless ``cond_stage_trainable``)."""
-        if self.cond_stage_trainable:
-            if config in ("__is_first_stage__", "__is_unconditional__"):
+        """Build the conditioning encoder (frozen unless ``cond_stage_trainable``).
+
+        A :class:`~ldm.modules.encoders.conditioner.Conditioner` decides per embedder
+        (``is_trainable``); ``cond_stage_trainable`` then follows its embedders.
+        """
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            if self.cond_stage_trainable:
                 raise ValueError(f"cond_stage_trainable cannot be used with {config!r}")
-            self.cond_stage_model = instantiate_from_config(config)
-            if callable(getattr(self.cond_stage_model, "unfreeze", None)):
-                self.cond_stage_model.unfreeze()  # a text tower frozen by default
+            if config == "__is_first_stage__":
+                logger.info("using the first stage also as the conditioning stage")
+                self.cond_stage_model = self.first_stage_model
+            else:
+                logger.info("training %s as an unconditional model", type(self).__name__)
+                self.cond_stage_model = None
             return
-        if config == "__is_first_stage__":
-            logger.info("using the first stage also as the conditioning stage")
-            self.cond_stage_model = self.first_stage_model
-        elif config == "__is_unconditional__":
-            logger.info("training %s as an unconditional model", type(self).__name__)
-            self.cond_stage_model = None
+        stage = instantiate_from_config(config)
+        if isinstance(stage, Conditioner):
+            if self.cond_stage_trainable:
+                raise ValueError("with a Conditioner set is_trainable on its embedders, not "
+                                 "cond_stage_trainable")
+            self.cond_stage_trainable = stage.is_trainable
+        elif self.cond_stage_trainable:
+            if callable(getattr(stage, "unfreeze", None)):
+                stage.unfreeze()  # a text tower frozen by default
         else:
-            self.cond_stage_model = instantiate_from_config(config).eval()
-            for param in self.cond_stage_model.parameters():
+            stage.eval()
+            for param in stage.parameters():
                 param.requires_grad = False
+        self.cond_stage_model = stage
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Switch train/eval mode while the frozen stages stay in eval mode."""
@@ -189,10 +201,53 @@ class LatentDiffusion(DDPM):
         return self._decode(z, predict_cids, force_not_quantize)
 
     # ---------------------------------------------------------------------- conditioning
+    def get_conditioning(self, batch: Mapping[str, Any], uncond_keys: Sequence[str] = ()
+                         ) -> Any:
+        """Encoded conditioning of a batch-like dict (``{"caption": [...], "class_label":
+        LongTensor, "summary": [...]}``, see :mod:`ldm.data.captions`); None if unconditional.
+
+        Each embedder reads its own field. Guidance dropout applies in training mode only.
+        ``uncond_keys`` (a Conditioner's input keys) get their unconditional embedding, for
+        guidance on one conditioning at a time.
+        """
+        if self.cond_stage_model is None:
+            return None
+        if isinstance(self.cond_stage_model, Conditioner):
+            return self.cond_stage_model(batch, ucg=self.training, uncond_keys=uncond_keys)
+        if uncond_keys:
+            raise ValueError(f"uncond_keys {list(uncond_keys)} need a Conditioner; this model "
+                             f"has one {type(self.cond_stage_model).__name__}")
+        key = self.cond_stage_key
+        x = DDPM.get_input(self, batch, key).to(self.device) if key == self.first_stage_key \
+            else None
+        return self.get_learned_conditioning(self._raw_cond(batch, key, x))
+
+    def conditioning_fields(self) -> list[str]:
+        """The batch fields :meth:`get_conditioning` reads (empty: unconditional)."""
+        stage = self.cond_stage_model
+        if stage is None:
+            return []
+        if isinstance(stage, Conditioner):
+            return list(dict.fromkeys(stage.input_keys))
+        return [self.cond_stage_key]
+
+    def supports_guidance(self) -> bool:
+        """Whether the model has an unconditional input for classifier-free guidance."""
+        stage = self.cond_stage_model
+        if isinstance(stage, Conditioner):
+            return all(callable(getattr(e, "unconditional_input", None))
+                       for e in stage.embedders)
+        return callable(getattr(stage, "unconditional_input", None))
+
     def get_learned_conditioning(self, c: Any) -> Any:
-        """Encode raw conditioning (captions, class-label batch, images) with the cond stage."""
+        """Encode raw conditioning (captions, class-label batch, images) with the cond stage.
+
+        With a Conditioner ``c`` is a batch-like dict (guidance dropout in training mode).
+        """
         if self.cond_stage_model is None:
             raise RuntimeError("this model is unconditional (no cond_stage_model)")
+        if isinstance(self.cond_stage_model, Conditioner):
+            return self.cond_stage_model(c, ucg=self.training)
         if self.cond_stage_forward is not None:
             if not hasattr(self.cond_stage_model, self.cond_stage_forward):
                 raise AttributeError(f"cond_stage_model has no method {self.cond_stage_forward!r}")
@@ -206,6 +261,8 @@ class LatentDiffusion(DDPM):
 
     def get_unconditional_conditioning(self, batch_size: int) -> Any:
         """Conditioning of the classifier-free-guidance unconditional branch."""
+        if isinstance(self.cond_stage_model, Conditioner):
+            return self.cond_stage_model.unconditional(batch_size)
         uncond = getattr(self.cond_stage_model, "unconditional_input", None)
         if uncond is None:
             raise AttributeError(f"{type(self.cond_stage_model).__name__} has no "
@@ -213,6 +270,8 @@ class LatentDiffusion(DDPM):
         return self.get_learned_conditioning(uncond(batch_size))
 
     def _raw_cond(self, batch: Mapping[str, Any], cond_key: str, x: torch.Tensor | None) -> Any:
+        if isinstance(self.cond_stage_model, Conditioner):
+            return batch  # each embedder reads its own field
         if cond_key == self.first_stage_key:
             return x
         if cond_key in ("class_label", "hybrid"):
@@ -287,6 +346,9 @@ class LatentDiffusion(DDPM):
     def _noisy_cond(self, cond: Any, ts: torch.Tensor) -> Any:
         if not self.shorten_cond_schedule or cond is None:
             return cond
+        if isinstance(cond, Mapping):
+            raise NotImplementedError("num_timesteps_cond > 1 noises a conditioning tensor; "
+                                      "it does not apply to a Conditioner's outputs")
         tc = self.cond_ids.to(ts.device)[ts]
         return self.q_sample(x_start=cond, t=tc, noise=torch.randn_like(cond.float()))
 
@@ -330,7 +392,7 @@ class LatentDiffusion(DDPM):
         params = list(self.model.parameters())
         if self.cond_stage_trainable:
             logger.info("%s: also optimizing the conditioner's parameters", type(self).__name__)
-            params += list(self.cond_stage_model.parameters())
+            params += [p for p in self.cond_stage_model.parameters() if p.requires_grad]
         if self.learn_logvar:
             params.append(self.logvar)
         return params
@@ -377,13 +439,14 @@ class LatentDiffusion(DDPM):
                                            return_original_cond=True, bs=N)
         N, n_row = min(z.shape[0], N), min(z.shape[0], n_row)
         log: dict[str, Any] = {"inputs": x.clamp(-1, 1), "reconstruction": xrec.clamp(-1, 1)}
-        if isinstance(xc, (list, tuple)) and all(isinstance(s, str) for s in xc):
-            log["captions"] = list(xc)
+        texts = xc.get("caption") if isinstance(xc, Mapping) else xc
+        if isinstance(texts, (list, tuple)) and all(isinstance(s, str) for s in texts):
+            log["captions"] = list(texts)
         if plot_diffusion_rows:
             log["diffusion_row"] = self._diffusion_grid(z[:n_row])
         if sample:
             guide = (unconditional_guidance_scale != 1.0 and c is not None
-                     and hasattr(self.cond_stage_model, "unconditional_input"))
+                     and self.supports_guidance())
             extra = {"unconditional_guidance_scale": unconditional_guidance_scale,
                      "unconditional_conditioning": self.get_unconditional_conditioning(N)
                      } if guide else {}

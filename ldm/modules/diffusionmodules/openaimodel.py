@@ -266,7 +266,9 @@ class UNetModel(nn.Module):
 
     Constructor parameters are those of CompVis latent-diffusion (``num_heads`` /
     ``num_head_channels`` pick the attention heads, ``use_spatial_transformer`` switches to
-    cross-attention on ``context``, ``num_classes`` adds a label embedding for ``y``).
+    cross-attention on ``context``, ``num_classes`` adds a label embedding for ``y``: class
+    ids, or with ``"sequential"`` a vector of width ``adm_in_channels`` through two linear
+    layers, as sgm).
     ``ckpt_path`` loads a CompVis checkpoint (a full LDM with ``model.diffusion_model.`` keys or
     bare U-Net keys); unlike the original, missing or unexpected keys raise unless
     ``strict_load=False``. Keys starting with any of ``ignore_keys`` are dropped first.
@@ -284,7 +286,7 @@ class UNetModel(nn.Module):
         channel_mult: Sequence[int] = (1, 2, 4, 8),
         conv_resample: bool = True,
         dims: int = 2,
-        num_classes: int | None = None,
+        num_classes: int | str | None = None,
         use_checkpoint: bool = False,
         use_fp16: bool = False,
         num_heads: int = -1,
@@ -301,6 +303,7 @@ class UNetModel(nn.Module):
         ckpt_path: str | Path | None = None,
         ignore_keys: Iterable[str] = (),
         strict_load: bool = True,
+        adm_in_channels: int | None = None,
     ) -> None:
         super().__init__()
         if use_spatial_transformer and context_dim is None:
@@ -324,6 +327,7 @@ class UNetModel(nn.Module):
         self.channel_mult = list(channel_mult)
         self.conv_resample = conv_resample
         self.num_classes = num_classes
+        self.adm_in_channels = adm_in_channels
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.num_heads = num_heads
@@ -342,7 +346,13 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
-        if num_classes is not None:
+        if num_classes == "sequential":  # a conditioner's vector y (B, adm_in_channels), as sgm
+            if not adm_in_channels:
+                raise ValueError("num_classes 'sequential' needs adm_in_channels (the width of y)")
+            self.label_emb = nn.Sequential(nn.Sequential(
+                linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                linear(time_embed_dim, time_embed_dim)))
+        elif num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         block = dict(emb_channels=time_embed_dim, dropout=dropout, dims=dims,
@@ -462,9 +472,11 @@ class UNetModel(nn.Module):
         if label_embedding is not None:
             emb = emb + label_embedding
         if self.num_classes is not None:
-            if y.shape != (x.shape[0],):
-                raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-            emb = emb + self.label_emb(y)
+            want = ((x.shape[0], self.adm_in_channels) if self.num_classes == "sequential"
+                    else (x.shape[0],))
+            if tuple(y.shape) != want:
+                raise ValueError(f"y must have shape {want}, got {tuple(y.shape)}")
+            emb = emb + self.label_emb(y.to(emb.dtype) if y.is_floating_point() else y)
 
         hs = []
         h = x.to(self.dtype)

@@ -1,0 +1,226 @@
+"""Several conditioning embedders in one module, in the spirit of sgm's ``GeneralConditioner``.
+
+Each embedder reads its own field of a batch-like dict (``input_key``), owns its classifier-free-
+guidance dropout (``ucg_rate``: a dropped sample gets the embedder's unconditional input, as DiT's
+``LabelEmbedder.token_drop`` does), may be trainable, and says how its output reaches the U-Net
+(``kind``): ``crossattn`` tokens ``(B, L, D)`` (concatenated along the sequence into
+``c_crossattn``), a ``vector`` ``(B, D)`` added to the time embedding through the U-Net's
+``label_emb`` (summed or concatenated into ``y``), or ``concat`` channels ``(B, C, H, W)``
+(concatenated along the channels into ``c_concat``).
+
+Config::
+
+    cond_stage_config:
+      target: ldm.modules.encoders.conditioner.Conditioner
+      params:
+        vector_combine: sum            # or concat
+        embedders:
+          - target: ldm.modules.encoders.modules.ClassEmbedder
+            params: {embed_dim: 128, n_classes: 5, key: class_label}
+            input_key: class_label
+            kind: vector
+            ucg_rate: 0.1
+          - target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+            params: {version: openai/clip-vit-base-patch32, max_length: 154}
+            input_key: summary
+            kind: crossattn
+            ucg_rate: 0.1
+
+A single embedder given directly as ``cond_stage_config`` (every CompVis/PathLDM config) does not
+go through this module: its state-dict keys stay ``cond_stage_model.*``.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ldm.data.captions import drop_decisions, levels_from_caption
+from ldm.util import instantiate_from_config
+
+KINDS = ("crossattn", "vector", "concat")
+# where each kind goes in the DiffusionWrapper's keyword arguments
+UNET_KEYS = {"crossattn": "c_crossattn", "vector": "y", "concat": "c_concat"}
+VECTOR_COMBINES = ("sum", "concat")
+SPEC_KEYS = ("input_key", "kind", "ucg_rate", "is_trainable", "legacy_til_exemption")
+
+
+def configure_embedder(module: nn.Module, input_key: str, kind: str = "crossattn",
+                       ucg_rate: float = 0.0, is_trainable: bool = False,
+                       legacy_til_exemption: bool = False) -> nn.Module:
+    """Give ``module`` the attributes the :class:`Conditioner` reads (checked)."""
+    if kind not in KINDS:
+        raise ValueError(f"embedder kind must be one of {KINDS}, got {kind!r}")
+    if not 0.0 <= float(ucg_rate) <= 1.0:
+        raise ValueError(f"ucg_rate must be in [0, 1], got {ucg_rate}")
+    if ucg_rate > 0 and not callable(getattr(module, "unconditional_input", None)):
+        raise ValueError(f"{type(module).__name__} has ucg_rate {ucg_rate} but no "
+                         "unconditional_input(batch_size) to drop to")
+    module.input_key, module.kind = str(input_key), kind
+    module.ucg_rate, module.is_trainable = float(ucg_rate), bool(is_trainable)
+    module.legacy_til_exemption = bool(legacy_til_exemption)
+    if is_trainable:
+        if callable(getattr(module, "unfreeze", None)):
+            module.unfreeze()  # a text tower frozen by default
+    else:
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad = False
+    return module
+
+
+def unconditional_value(embedder: nn.Module, batch_size: int) -> Any:
+    """The embedder's unconditional input; a one-field batch dict counts as its field."""
+    fn = getattr(embedder, "unconditional_input", None)
+    if not callable(fn):
+        raise AttributeError(f"{type(embedder).__name__} has no unconditional_input(batch_size) "
+                             "for classifier-free guidance")
+    value = fn(batch_size)
+    if isinstance(value, Mapping):
+        if len(value) != 1:
+            raise ValueError(f"{type(embedder).__name__}.unconditional_input gave several fields "
+                             f"{sorted(value)}; give one value")
+        value = next(iter(value.values()))
+    return value
+
+
+def replace_where(value: Any, other: Any, mask: torch.Tensor) -> Any:
+    """``value`` with its samples where ``mask`` is True taken from ``other`` (lists, tensors)."""
+    if torch.is_tensor(value):
+        other = torch.as_tensor(other, device=value.device, dtype=value.dtype)
+        m = mask.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+        return torch.where(m, other, value)
+    return [o if bool(d) else v for v, o, d in zip(value, other, mask.tolist())]
+
+
+def _batch_size(value: Any) -> int:
+    return int(value.shape[0]) if torch.is_tensor(value) else len(value)
+
+
+def _encode(embedder: nn.Module, value: Any) -> torch.Tensor:
+    """The embedder's output (``encode`` where it has one, as LatentDiffusion's cond stage)."""
+    fn = embedder.encode if callable(getattr(embedder, "encode", None)) else embedder
+    out = fn(value)
+    if not torch.is_tensor(out) and callable(getattr(out, "mode", None)):
+        out = out.mode()  # a DiagonalGaussianDistribution
+    return out
+
+
+class Conditioner(nn.Module):
+    """Embedders combined into the DiffusionWrapper's ``c_crossattn`` / ``y`` / ``c_concat``.
+
+    Args:
+        embedders: ``{target, params, input_key, kind, ucg_rate, is_trainable,
+            legacy_til_exemption}`` per embedder (module docstring). ``legacy_til_exemption``
+            (text embedders reading training captions): never drop a caption whose TIL level
+            is high, as the original PathLDM dataset did.
+        vector_combine: ``sum`` (vectors of equal width) or ``concat`` (along the features).
+    """
+
+    def __init__(self, embedders: Sequence[Mapping[str, Any]],
+                 vector_combine: str = "sum") -> None:
+        super().__init__()
+        if not embedders:
+            raise ValueError("Conditioner needs at least one embedder")
+        if vector_combine not in VECTOR_COMBINES:
+            raise ValueError(f"vector_combine must be one of {VECTOR_COMBINES}, "
+                             f"got {vector_combine!r}")
+        self.vector_combine = vector_combine
+        modules = []
+        for i, cfg in enumerate(embedders):
+            if "input_key" not in cfg:
+                raise KeyError(f"Conditioner embedder {i} ({cfg.get('target')}) has no input_key")
+            spec = {k: cfg[k] for k in SPEC_KEYS if k in cfg}
+            module = instantiate_from_config({k: v for k, v in cfg.items() if k not in spec})
+            modules.append(configure_embedder(module, **spec))
+        self.embedders = nn.ModuleList(modules)
+
+    @property
+    def input_keys(self) -> list[str]:
+        """The batch fields the embedders read."""
+        return [e.input_key for e in self.embedders]
+
+    @property
+    def is_trainable(self) -> bool:
+        """Whether any embedder trains."""
+        return any(e.is_trainable for e in self.embedders)
+
+    def train(self, mode: bool = True) -> Conditioner:
+        """Frozen embedders stay in eval mode."""
+        super().train(mode)
+        for e in self.embedders:
+            if not e.is_trainable:
+                e.eval()
+        return self
+
+    def _value(self, embedder: nn.Module, batch: Mapping[str, Any]) -> Any:
+        if embedder.input_key not in batch:
+            raise KeyError(f"batch has no field {embedder.input_key!r} for "
+                           f"{type(embedder).__name__} (fields: {sorted(batch)})")
+        return batch[embedder.input_key]
+
+    def drop_mask(self, embedder: nn.Module, value: Any) -> torch.Tensor:
+        """Per-sample guidance-dropout decisions (one ``torch.rand`` draw per sample)."""
+        u = torch.rand(_batch_size(value))
+        exempt = None
+        if embedder.legacy_til_exemption:
+            exempt = [(levels_from_caption(str(c)) or ("", ""))[1] == "high" for c in value]
+        return torch.as_tensor(drop_decisions(u.numpy(), embedder.ucg_rate, exempt))
+
+    def embed(self, embedder: nn.Module, batch: Mapping[str, Any], ucg: bool = False,
+              uncond: bool = False) -> torch.Tensor:
+        """One embedder's output for ``batch`` (``ucg``: with its dropout; ``uncond``: all
+        samples unconditional)."""
+        value = self._value(embedder, batch)
+        if uncond:
+            value = unconditional_value(embedder, _batch_size(value))
+        elif ucg and embedder.ucg_rate > 0:
+            mask = self.drop_mask(embedder, value)
+            if mask.any():
+                value = replace_where(value, unconditional_value(embedder, len(mask)), mask)
+        with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
+            out = _encode(embedder, value)
+        if embedder.kind == "vector":
+            out = out.reshape(out.shape[0], -1)
+        return out
+
+    def forward(self, batch: Mapping[str, Any], ucg: bool = False,
+                uncond_keys: Collection[str] = ()) -> dict[str, Any]:
+        """``{"c_crossattn": [tokens], "y": vector, "c_concat": [channels]}`` (kinds present).
+
+        ``ucg``: apply each embedder's guidance dropout (training); ``uncond_keys``: input keys
+        whose embedders give their unconditional output (partial guidance).
+        """
+        unknown = set(uncond_keys) - set(self.input_keys)
+        if unknown:
+            raise KeyError(f"no embedder reads {sorted(unknown)} (input keys {self.input_keys})")
+        outs: dict[str, list[torch.Tensor]] = {}
+        for e in self.embedders:
+            out = self.embed(e, batch, ucg=ucg, uncond=e.input_key in uncond_keys)
+            outs.setdefault(e.kind, []).append(out)
+        return self._combine(outs)
+
+    def _combine(self, outs: Mapping[str, list[torch.Tensor]]) -> dict[str, Any]:
+        cond: dict[str, Any] = {}
+        if "crossattn" in outs:
+            cond["c_crossattn"] = [torch.cat(outs["crossattn"], dim=1)]
+        if "concat" in outs:
+            cond["c_concat"] = [torch.cat(outs["concat"], dim=1)]
+        if "vector" in outs:
+            vectors = outs["vector"]
+            if self.vector_combine == "concat":
+                cond["y"] = torch.cat(vectors, dim=-1)
+            else:
+                widths = {v.shape[-1] for v in vectors}
+                if len(widths) > 1:
+                    raise ValueError(f"vector embedders of widths {sorted(widths)} cannot be "
+                                     "summed; set vector_combine: concat")
+                cond["y"] = torch.stack(vectors).sum(0)
+        return cond
+
+    def unconditional(self, batch_size: int) -> dict[str, Any]:
+        """The fully unconditional output for ``batch_size`` samples."""
+        batch = {e.input_key: unconditional_value(e, batch_size) for e in self.embedders}
+        return self(batch)
