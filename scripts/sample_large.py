@@ -199,14 +199,13 @@ def window_conditioning(model: Any, plan: dict[str, Any]) -> tuple[Any, Any]:
     """``cond_for(indices)`` and ``uncond_for(n)`` for the canvas sampler."""
     import torch
 
-    from ldm.evaluation.sampling import raw_conditioning
+    from ldm.data.captions import conditioning_batch
     from ldm.models.diffusion.multidiffusion import batch_cond
 
     if plan["conditions"] == [None]:
         return (lambda idx: None), None
     # one forward per condition, as sample.py encodes a batch of one
-    embedded = [model.get_learned_conditioning(raw_conditioning(model, [c]))
-                for c in plan["conditions"]]
+    embedded = [model.get_conditioning(conditioning_batch([c])) for c in plan["conditions"]]
     blends: dict[tuple, Any] = {}
 
     def of_window(parts: list[tuple[int, float]]) -> Any:
