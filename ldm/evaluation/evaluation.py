@@ -17,6 +17,7 @@ from ldm.evaluation.images import pil_transform, write_json, write_text
 from ldm.evaluation.metrics import all_metrics
 from ldm.evaluation.prompt_adherence import probe_adherence, text_image_similarity
 from ldm.evaluation.protocol import (
+    PROTOCOL_KEYS,
     check_protocol,
     file_meta,
     image_protocol,
@@ -87,13 +88,20 @@ class Evaluation:
                     "resize": self.args.resize}
         if ext is not None:
             expected["weights_sha256"] = ext.provenance["weights_sha256"]
-        check_protocol(data["meta"], expected, path)
+        # a given reference file must also be the requested subset; our own saved features
+        # are recomputed below when the set's images differ
+        keys = PROTOCOL_KEYS + (("n_requested", "seed") if given and self.args.n else ())
+        check_protocol(data["meta"], {**expected, "n_requested": self.args.n,
+                                      "seed": self.args.seed}, path, keys)
         source = self.sources.get(name)
         if given is None and source is not None:
             wanted = str(Path(source).resolve())
             if data["meta"]["images"]["path"] != wanted:
                 raise ValueError(f"{path}: features of {data['meta']['images']['path']}, not "
                                  f"of {wanted}; use another --out or label")
+            if not self.args.features_only and self.image_set(name).names != data["names"]:
+                logger.warning("%s: the images of %s changed since; recomputing", path, name)
+                return None
         logger.info("%s/%s: using saved features %s", name, spec, path)
         return data
 
