@@ -10,7 +10,10 @@ Runs, offline and with no pretrained weights:
      scripts/sample.py --all-levels from the run's last.ckpt (grid.png: one row per caption);
   6. the caption-adherence check (ldm.evaluation.adherence): how far the tumor and TIL levels
      of the captions move the samples' stand-in statistics, against the real patches' gap;
-     printed and written to samples/adherence.json.
+     printed and written to samples/adherence.json;
+  7. scripts/evaluate.py on the samples against the training store, in the feature space of a
+     tiny random CLIP (no weights to download: the numbers show the evaluation running, not
+     image quality); report in evaluation/report.md.
 
 Everything goes to --out (default outputs/demo); finished stages are skipped on a rerun.
 The tiny model only shows the pipeline working end to end: expect blurry H&E-coloured
@@ -157,6 +160,41 @@ def check_adherence(store: Path, samples: Path) -> dict:
     return check(store, samples, samples / "adherence.json")
 
 
+def evaluate(store: Path, samples: Path, out: Path) -> dict:
+    """scripts/evaluate.py with a tiny random CLIP as the extractor; its results JSON."""
+    import json
+
+    from ldm.evaluation.tiny import build_tiny_clip
+
+    clip = build_tiny_clip(out / "tiny_clip")
+    cmd = [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--samples",
+           f"demo={samples}", "--reference", str(store), "--extractor", f"hf:{clip}",
+           "--kid-subset-size", "100", "--min-stratum", "5", "--device", "cpu",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"scripts/evaluate.py failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads((out / "results.json").read_text())
+
+
+def format_evaluation(results: dict) -> str:
+    """Two lines of the evaluation summary."""
+    (spec, per_set), = results["metrics"].items()
+    m = {"precision": float("nan"), "recall": float("nan"), "density": float("nan"),
+         "coverage": float("nan"), **per_set["demo"]["overall"]}  # PRDC needs more than k
+    mem = results["memorisation"][spec]["demo"]
+    probe = results["probe"][spec]["demo"]
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    acc = " ".join(f"{t} {num(probe[t].get('samples_accuracy'))} (real "
+                   f"{num(probe[t].get('real_held_out_accuracy'))})" for t in ("tumor", "til"))
+    return (f"evaluation (tiny random CLIP features): FD {m['fd']:.3f}, KID {m['kid']:.4f}, "
+            f"precision {m['precision']:.2f}, recall {m['recall']:.2f}, density "
+            f"{m['density']:.2f}, coverage {m['coverage']:.2f}\n"
+            f"  memorised {mem['n_flagged']}/{m['n_fake']}; probe accuracy {acc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     from ldm.argtypes import non_negative_float, positive_int, seed_int
@@ -198,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = timed("sampling", sample, run, store, out / "samples", args.n,
                      args.sample_steps, args.scale, args.seed)
         report = timed("adherence check", check_adherence, store, out / "samples")
+        evaluation = timed("evaluation", evaluate, store, out / "samples", out / "evaluation")
     except (RuntimeError, ValueError, subprocess.CalledProcessError, FileNotFoundError) as e:
         print(f"demo failed: {e}", file=sys.stderr)
         return 1
@@ -205,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in times.items():
         print(f"  {name:<18} {seconds:6.1f} s")
     print(format_report(report))
+    print(format_evaluation(evaluation))
     print(f"checkpoint: {run / 'checkpoints' / 'last.ckpt'}\n"
           f"samples:    {grid} (one row per tumor/TIL combination)\n"
-          f"adherence:  {out / 'samples' / 'adherence.json'}")
+          f"adherence:  {out / 'samples' / 'adherence.json'}\n"
+          f"evaluation: {out / 'evaluation' / 'report.md'}")
     print(f"more:       python scripts/sample.py --ckpt {run} --tumor high --til high "
           f"--summary \"...\" --n 8 --outdir {out / 'more_samples'}")
     return 0

@@ -28,6 +28,9 @@ def test_demo_end_to_end_with_few_steps(tmp_path):
     assert meta["weights"] == "ema" and len(meta["images"]) == 4  # --n 1, four combinations
     assert (out / "samples" / "adherence.json").is_file() and "caption adherence" in proc.stdout
     assert (out / "samples" / "grid.png").is_file()
+    assert "evaluation (tiny random CLIP features): FD" in proc.stdout
+    results = json.loads((out / "evaluation" / "results.json").read_text())
+    assert results["sample_sets"]["demo"]["n"] == 4 and (out / "evaluation" / "report.md").is_file()
     # a rerun finds every stage done and only re-samples (skipping existing images)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and len(list((out / "logs").iterdir())) == 1
