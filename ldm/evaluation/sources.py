@@ -16,14 +16,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ldm.data.captions import build_caption, level_name, prob_to_level
+from ldm.data.captions import build_caption, level_name, levels_from_caption, prob_to_level
 from ldm.evaluation.images import (
     PilTransform,
     SplitStore,
     is_store,
     list_image_files,
 )
-from ldm.evaluation.sampling import levels_from_caption
 
 logger = logging.getLogger(__name__)
 
