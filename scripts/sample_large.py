@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decoder tile in latent pixels (default: 64)")
     d.add_argument("--decode-overlap", type=non_negative_int, default=16,
                    help="decoder tile overlap in latent pixels (default: 16)")
+    d.add_argument("--check-decode", action="store_true",
+                   help="also decode the latent whole and record how far the tiled decode is "
+                        "from it (uint8 levels) in metadata.json")
     d.add_argument("--png-max-pixels", type=positive_int, default=64 * 2 ** 20,
                    help="largest image written as PNG; larger ones become a TIFF (default: 64 Mpx)")
     d.add_argument("--tiff", action="store_true", help="also write the pyramidal TIFF")
@@ -275,13 +278,23 @@ def generate(model: Any, args: argparse.Namespace, kind: str,
                           args.weighting, args.batch)
         t1 = time.perf_counter()
         decoder = getattr(model.first_stage_model, "decoder", None)
-        image = to_uint8(decode_tiled(model.decode_first_stage, z, factor, args.decode_tile,
-                                      args.decode_overlap, norm_module=decoder))[0]
+        tiled = decode_tiled(model.decode_first_stage, z, factor, args.decode_tile,
+                             args.decode_overlap, norm_module=decoder)
+        image = to_uint8(tiled)[0]
+        t2 = time.perf_counter()
+        check = decode_check(model, z, tiled) if args.check_decode else None
     facts = {"factor": factor, "window": window, "overlap_latent_px": overlap,
              "latent_size": [lw, lh], "windows": [list(w) for w in windows], "plan": plan,
-             "noise_seed": seed, "sampling_seconds": t1 - t0,
-             "decode_seconds": time.perf_counter() - t1}
+             "noise_seed": seed, "sampling_seconds": t1 - t0, "decode_seconds": t2 - t1,
+             "decode_check": check}
     return image, facts
+
+
+def decode_check(model: Any, z: Any, tiled: Any) -> dict[str, float]:
+    """Mean and maximum absolute difference, in uint8 levels, of a tiled and a whole decode."""
+    whole = model.decode_first_stage(z)
+    diff = (tiled.clamp(-1, 1) - whole.clamp(-1, 1)).abs() * 127.5
+    return {"mean_abs_levels": float(diff.mean()), "max_abs_levels": float(diff.max())}
 
 
 def seam_metrics(image: Any, facts: dict[str, Any]) -> dict[str, float] | None:

@@ -244,7 +244,8 @@ def test_layout_run_writes_png_tiff_and_metadata(text_ckpt, tmp_path):
     meta = load_script("sample_large").main([
         "--ckpt", str(text_ckpt), "--size", "48", "32", "--layout", str(tmp_path / "layout.csv"),
         "--summary", SUMMARY, "--layout-mode", "blend", "--steps", "2", "--batch", "12",
-        "--tiff", "--device", "cpu", "--outdir", str(tmp_path / "out")])
+        "--tiff", "--check-decode", "--decode-tile", "16", "--decode-overlap", "8", "--device",
+        "cpu", "--outdir", str(tmp_path / "out")])
     png = _png(tmp_path / "out" / "image.png")
     assert png.shape == (32, 48, 3) and meta["outputs"] == ["image.png", "image.tiff"]
     assert len(meta["windows"]) == 3 * 4 and meta["latent_size"] == [24, 16]
@@ -252,6 +253,8 @@ def test_layout_run_writes_png_tiff_and_metadata(text_ckpt, tmp_path):
     assert meta["conditions"] == [f"high tumor; low til; {SUMMARY}",
                                   f"low tumor; high til; {SUMMARY}"]
     assert set(meta["seam_score"]) == {"border", "inside", "ratio"} and meta["peak_rss_mib"] > 0
+    check = meta["decode_check"]  # two 16-px tiles across: a tiled decode, measured
+    assert 0 < check["mean_abs_levels"] <= check["max_abs_levels"] <= 255
     saved = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert saved["window_regions"] == json.loads(json.dumps(meta["window_regions"]))
     slide = openslide.OpenSlide(tmp_path / "out" / "image.tiff")
