@@ -200,10 +200,8 @@ def plan_regions(args: argparse.Namespace, kind: str, windows: Sequence[tuple[in
 
 def window_conditioning(model: Any, plan: dict[str, Any]) -> tuple[Any, Any]:
     """``cond_for(indices)`` and ``uncond_for(n)`` for the canvas sampler."""
-    import torch
-
     from ldm.data.captions import conditioning_batch
-    from ldm.models.diffusion.multidiffusion import batch_cond
+    from ldm.models.diffusion.multidiffusion import batch_cond, blend_cond
 
     if plan["conditions"] == [None]:
         return (lambda idx: None), None
@@ -216,9 +214,7 @@ def window_conditioning(model: Any, plan: dict[str, Any]) -> tuple[Any, Any]:
             return embedded[parts[0][0]]
         key = tuple(parts)
         if key not in blends:
-            if not all(torch.is_tensor(embedded[k]) for k, _ in parts):
-                raise ValueError("--layout-mode blend needs tensor conditionings")
-            blends[key] = sum(w * embedded[k] for k, w in parts)
+            blends[key] = blend_cond([embedded[k] for k, _ in parts], [w for _, w in parts])
         return blends[key]
 
     def cond_for(idx: Sequence[int]) -> Any:

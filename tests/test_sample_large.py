@@ -126,6 +126,14 @@ def test_two_region_layout_gives_each_window_its_caption(text_ckpt, tmp_path):
     plan = sample_large.plan_regions(args, "text", windows, 8, (8, 32))
     straddling = [w for w in plan["windows"] if len(w) == 2]
     assert straddling and all(abs(sum(s for _, s in w) - 1) < 1e-12 for w in straddling)
+    cond_for, _ = sample_large.window_conditioning(model, plan)
+    k = plan["windows"].index(straddling[0])
+    (_, a), (_, b) = straddling[0]
+    assert torch.allclose(cond_for([k]), a * left + b * right)
+    from ldm.models.diffusion.multidiffusion import blend_cond
+
+    mixed = blend_cond([{"c": [left]}, {"c": [right]}], [0.25, 0.75])
+    assert torch.equal(mixed["c"][0], 0.25 * left + 0.75 * right)
 
 
 def test_layout_files_and_store(tmp_path):

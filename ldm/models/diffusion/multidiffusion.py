@@ -98,6 +98,16 @@ def batch_cond(parts: Sequence[Cond]) -> Cond:
     return torch.cat(list(parts))
 
 
+def blend_cond(parts: Sequence[Cond], weights: Sequence[float]) -> Cond:
+    """``sum(w * c)`` of conditionings of one structure (tensors, lists or dicts of them)."""
+    first = parts[0]
+    if isinstance(first, Mapping):
+        return {k: blend_cond([p[k] for p in parts], weights) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [blend_cond([p[i] for p in parts], weights) for i in range(len(first))]
+    return sum(w * p for w, p in zip(weights, parts))
+
+
 class WindowAverager:
     """Weighted average of window predictions over a canvas (float64 sum, float32 result)."""
 
