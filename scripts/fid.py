@@ -59,6 +59,7 @@ from ldm.evaluation.images import (
     write_json,
     write_text,
 )
+from ldm.evaluation.protocol import stats_protocol_path
 from ldm.evaluation.sampling import PROMPT_SAMPLINGS
 
 logger = logging.getLogger("fid")
@@ -206,6 +207,8 @@ def cmd_ref_stats(args: argparse.Namespace) -> dict[str, Any]:
     mu, sigma = feature_statistics(feats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(args.out, mu, sigma, features=None if args.no_features else feats)
+    write_json(_stats_protocol(model, args, args.images, len(feats)),
+               stats_protocol_path(args.out))
     logger.info("wrote %s (%d images, %d dims)", args.out, len(feats), feats.shape[1])
     return {"out": str(args.out), "n": len(feats), "dims": int(feats.shape[1])}
 
@@ -341,8 +344,33 @@ def _write_part(args: argparse.Namespace, model: Any, sampler: Any, kind: str,
                "caption": np.array([r["caption"] for r in plan], dtype=object)})
 
 
+def _requested_protocol(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """What must agree between reference statistics and the scoring (evaluate.py's keys)."""
+    from ldm.evaluation.features import state_dict_hash
+
+    return {"extractor": f"inception:{args.dims}", "weights_sha256": state_dict_hash(model),
+            "center_crop": args.center_crop, "resize": args.resize}
+
+
+def _stats_protocol(model: Any, args: argparse.Namespace, images: Path, n: int) -> dict:
+    """The provenance of reference statistics: protocol, image set and its hash, versions."""
+    from ldm.evaluation.images import is_store
+    from ldm.evaluation.protocol import files_sha256, package_versions
+
+    files = [images] if is_store(images) else list_image_files(images)
+    return {**_requested_protocol(model, args), "n_requested": args.n, "seed": args.seed,
+            "images": {"path": str(images.resolve()), "n": n, "sha256": files_sha256(files)},
+            "packages": package_versions()}
+
+
 def _reference(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.ref.suffix == ".npz":
+        from ldm.evaluation.protocol import check_protocol
+
+        sidecar = stats_protocol_path(args.ref)
+        if sidecar.is_file():  # statistics written before the sidecar existed have none
+            args.reference_protocol = json.loads(sidecar.read_text())
+            check_protocol(args.reference_protocol, _requested_protocol(model, args), args.ref)
         mu, sigma, feats = load_statistics(args.ref)
         if feats is None:
             logger.warning("%s has no features sidecar: KID skipped", args.ref)
@@ -429,6 +457,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, out: Path) -> 
     out.parent.mkdir(parents=True, exist_ok=True)
     sampling = sorted({str(r.get("prompt_sampling")) for r in rows})
     write_json({"reference": str(args.ref), "dims": args.dims,
+                "reference_protocol": getattr(args, "reference_protocol", None),
                 "prompt_sampling": sampling[0] if len(sampling) == 1 else sampling,
                 "results": rows}, out)
     print(render(rows, args.dims))

@@ -117,6 +117,15 @@ def test_fid_matches_pytorch_fid(torch_home, folders, tmp_path, monkeypatch):
                      "--kid-subsets", "5", *common])
     assert rows[0]["fid"] == pytest.approx(expected, rel=1e-6)
     assert rows[0]["kid"] > 0
+    # the statistics carry their protocol; scoring under another one is refused
+    from ldm.evaluation.protocol import ProtocolMismatch, stats_protocol_path
+
+    proto = json.loads(stats_protocol_path(ref).read_text())
+    assert proto["extractor"] == "inception:64" and proto["images"]["n"] == 12
+    assert len(proto["images"]["sha256"]) == 64 and len(proto["weights_sha256"]) == 64
+    with pytest.raises(ProtocolMismatch, match="resize: file None vs requested 40"):
+        fid.main(["score", "--ref", str(ref), "--samples", str(fake), "--out", str(out),
+                  "--resize", "40", *common])
 
 
 def test_ref_stats_from_store_with_crop(torch_home, tmp_path):

@@ -98,6 +98,26 @@ def load_features(path: str | Path) -> dict[str, Any]:
     return out
 
 
+def stats_protocol_path(stats_path: str | Path) -> Path:
+    """The protocol sidecar ``<name>.protocol.json`` of a pytorch-fid statistics ``.npz``."""
+    stats_path = Path(stats_path)
+    stem = stats_path.name[:-4] if stats_path.name.endswith(".npz") else stats_path.name
+    return stats_path.with_name(f"{stem}.protocol.json")
+
+
+def files_sha256(files: list[Path]) -> str:
+    """SHA-256 over the names and bytes of ``files`` (sorted): an image set's content hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(set(files)):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def check_protocol(meta: dict[str, Any], expected: dict[str, Any], path: str | Path,
                    keys: tuple[str, ...] = PROTOCOL_KEYS) -> None:
     """Refuse features whose protocol differs from ``expected`` in any of ``keys``."""

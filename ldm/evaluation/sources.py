@@ -6,7 +6,6 @@ a folder of generated store parts (``part-*.h5`` of ``scripts/fid.py generate --
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,8 +24,6 @@ from ldm.evaluation.images import (
 )
 
 logger = logging.getLogger(__name__)
-
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -66,16 +63,11 @@ class ImageSet:
                         self.transform)
 
     def content_hash(self) -> str:
-        """SHA-256 of the source files' bytes (the store files, or every image file in order)."""
-        h = hashlib.sha256()
-        files = sorted({Path(s.path) if isinstance(s, SplitStore) else Path(item)
-                        for s, item in self._loaders})
-        for f in files:
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        """SHA-256 of the source files' bytes (the store files, or every image file)."""
+        from ldm.evaluation.protocol import files_sha256
+
+        return files_sha256([Path(s.path) if isinstance(s, SplitStore) else Path(item)
+                             for s, item in self._loaders])
 
     def format_counts(self) -> dict[str, int]:
         """How many images of each encoded format."""
