@@ -30,10 +30,14 @@ EVAL = ["pytorch-fid>=0.3,<0.4", "matplotlib>=3.7,<4"]
 APP = ["fastapi>=0.110", "uvicorn>=0.29", "jinja2>=3.1", "python-multipart>=0.0.9"]
 # pyramidal BigTIFF output of pathldm-sample-large (OpenSlide reads it: openslide is core)
 LARGE = ["tifffile>=2023.1.1"]
+# scripts/export.py: a diffusers folder for the Hugging Face hub (safetensors is a core dependency)
+EXPORT = ["diffusers>=0.30", "safetensors>=0.4,<1"]
 # the app's tests drive the system Chromium through Selenium; prdc: the reference
 # precision/recall/density/coverage the evaluation metrics are tested against
-TEST = ["pytest>=7.4", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1", *DATA, *EVAL, *APP, *LARGE]
-EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "large": LARGE, "test": TEST, "dev": TEST}
+TEST = ["pytest>=7.4", "ruff>=0.4", "selenium>=4.20", "prdc>=0.2,<1", *DATA, *EVAL, *APP, *LARGE,
+        *EXPORT]
+EXTRAS = {"data": DATA, "eval": EVAL, "app": APP, "large": LARGE, "export": EXPORT, "test": TEST,
+          "dev": TEST}
 
 # `python scripts/<name>.py` and `python -m data_prep.<name>` keep working; these are the same
 # commands once installed.
@@ -46,6 +50,7 @@ CONSOLE_SCRIPTS = [
     "pathldm-cas = scripts.console:cas",
     "pathldm-eval-vae = scripts.console:eval_vae",
     "pathldm-ckpt = scripts.console:ckpt_tools",
+    "pathldm-export = scripts.console:export",
     "pathldm-cache-latents = scripts.cache_latents:main",
     "pathldm-demo = scripts.demo:main",
     "pathldm-tile-wsi = data_prep.tile_wsi:main",

@@ -196,12 +196,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tumor_til_conditions,
         warn_long_prompts,
     )
+    from ldm.export.folder import is_exported_folder, load_exported
 
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     set_trust(args.trust_checkpoint)
     device = resolve_device(args.device)
-    loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
+    if is_exported_folder(args.ckpt):  # a folder written by scripts/export.py
+        loaded = load_exported(args.ckpt)
+    else:
+        loaded = load_model(args.ckpt, config=args.config, weights=args.weights)
     model = loaded.model.to(device)
     check_steps(model, args.steps)
     kind = conditioning_kind(model)

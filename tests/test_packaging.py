@@ -15,7 +15,7 @@ COMMANDS = {"pathldm-train", "pathldm-sample", "pathldm-fid", "pathldm-cas", "pa
             "pathldm-ckpt", "pathldm-cache-latents", "pathldm-demo", "pathldm-tile-wsi",
             "pathldm-tumor-til", "pathldm-summarize-reports", "pathldm-build-dataset",
             "pathldm-prepare-demo", "pathldm-app", "pathldm-sample-large",
-            "pathldm-evaluate"}
+            "pathldm-evaluate", "pathldm-export"}
 
 
 @pytest.fixture(scope="module")

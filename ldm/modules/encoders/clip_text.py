@@ -182,16 +182,20 @@ class FrozenCLIPEmbedder(FrozenLongPromptEncoder):
     ``version`` is a hub id (``vinid/plip``, ``openai/clip-vit-base-patch32``) or a local
     directory; ``device`` is accepted for config compatibility and ignored (outputs follow the
     module's device). Embeddings are cached per caption (``cache_size`` entries at most,
-    ``cache_max_bytes`` in total; 0 entries disables the cache).
+    ``cache_max_bytes`` in total; 0 entries disables the cache). ``tokenizer_version`` reads
+    the tokenizer from elsewhere than ``version`` (a diffusers folder keeps it apart).
     """
 
     def __init__(self, version: str = "vinid/plip", device: str | None = None,
                  max_length: int = 154, cache_size: int = 4096,
-                 cache_max_bytes: int | None = 1 << 30, cache_dir: str | None = None) -> None:
+                 cache_max_bytes: int | None = 1 << 30, cache_dir: str | None = None,
+                 tokenizer_version: str | None = None) -> None:
         super().__init__(cache_size=cache_size, cache_max_bytes=cache_max_bytes)
         source, local_only = resolve_source(version)
         model = load_clip_text_model(source, local_only, cache_dir=cache_dir)
-        self.tokenizer = load_clip_tokenizer(source, local_only, model.config.vocab_size,
+        tok_source, tok_local = (resolve_source(tokenizer_version) if tokenizer_version
+                                 else (source, local_only))
+        self.tokenizer = load_clip_tokenizer(tok_source, tok_local, model.config.vocab_size,
                                              cache_dir=cache_dir)
         self.transformer = CLIPTextTower(model)
         self.version = str(version)
