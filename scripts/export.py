@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from ldm.argtypes import non_negative_float  # noqa: E402
-from ldm.evaluation.cli import configure_logging, run_main  # noqa: E402
+from ldm.argtypes import non_negative_float
+from ldm.evaluation.cli import configure_logging, run_main
 
 logger = logging.getLogger("export")
 

@@ -16,7 +16,7 @@ from scripts_loader import load_script
 from tiny_ldm import build_tiny_model, save_checkpoint, tiny_model_config
 
 from ldm.checkpoint import load_model
-from ldm.evaluation.sampling import raw_conditioning
+from ldm.data.captions import conditioning_batch
 from ldm.export import keymap
 
 diffusers = pytest.importorskip("diffusers")
@@ -130,7 +130,7 @@ def test_pipeline_matches_project_sampler(which, cases):
 
     model, pipe = cases[which]["model"], cases[which]["pipe"]
     conds = CAPTIONS if which == "text" else [1, 2]
-    c = model.get_learned_conditioning(raw_conditioning(model, conds))
+    c = model.get_conditioning(conditioning_batch(conds))
     uc = model.get_unconditional_conditioning(2)
     ctx = pipe.encode_prompt(conds) if which == "text" else pipe.encode_class_labels(conds)
     assert _rel(ctx, c) < 1e-5

@@ -167,8 +167,7 @@ def build_scheduler(model: torch.nn.Module, params: Mapping[str, Any]) -> Any:
 @torch.no_grad()
 def self_check(model: torch.nn.Module, pipe: Any, kind: str, seed: int = 0) -> float:
     """Max relative difference of the guided denoiser output, exported vs this project."""
-    from ldm.data.captions import caption_from_levels
-    from ldm.evaluation.sampling import raw_conditioning
+    from ldm.data.captions import caption_from_levels, conditioning_batch
     from ldm.models.diffusion.ddim import guided_eps, model_denoiser
 
     g = torch.Generator().manual_seed(seed)
@@ -177,7 +176,7 @@ def self_check(model: torch.nn.Module, pipe: Any, kind: str, seed: int = 0) -> f
     t = torch.tensor([999, 500])
     conds = ([caption_from_levels("high", "low", "invasive ductal carcinoma"), ""]
              if kind == "text" else [1, 3])
-    c = model.get_learned_conditioning(raw_conditioning(model, conds))
+    c = model.get_conditioning(conditioning_batch(conds))
     uc = model.get_unconditional_conditioning(2)
     ref = guided_eps(model_denoiser(model), x, t, c, uc, 1.75)
     ctx = pipe.encode_prompt(conds) if kind == "text" else pipe.encode_class_labels(conds)
