@@ -7,10 +7,10 @@ tower and tokenizer (or the class embedder), a custom pipeline with PathLDM's 15
 encoding and classifier-free guidance, safetensors weights and README.md (the model card).
 EMA weights by default (--no-ema for the raw ones). Needs `pip install -e ".[export]"`.
 
-The card lists the FID/KID results found under the run directory (or given with --eval), the
-dataset card next to the training store (or --dataset-card) and the resolved config. Loading
-the folder takes three lines (see its README.md); `scripts/sample.py --ckpt OUTDIR` samples it
-with this project's CLI.
+The card lists the evaluation results (scripts/fid.py, scripts/evaluate.py) found under the
+run directory (or given with --eval), the dataset card next to the training store (or
+--dataset-card) and the resolved config. Loading the folder takes three lines (see its
+README.md); `scripts/sample.py --ckpt OUTDIR` samples it with this project's CLI.
 """
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-card", type=Path, default=None,
                    help="dataset_card.md to embed (default: next to the config's train store)")
     p.add_argument("--eval", type=Path, action="append", default=[],
-                   help="FID/KID results JSON (scripts/fid.py; repeatable; default: every one "
-                        "found under the run directory)")
+                   help="results JSON of scripts/fid.py or scripts/evaluate.py (repeatable; "
+                        "default: every one found under the run directory)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="allow full-pickle checkpoint loading (only for files you trust)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -72,8 +72,8 @@ def _eval_results(args: argparse.Namespace, ckpt_path: Path) -> list[dict[str, A
                 raise FileNotFoundError(f"evaluation results not found: {path}")
             res = read_eval_results(path)
             if res is None:
-                raise ValueError(f"{path} is not an FID/KID results JSON (no 'results' rows "
-                                 "with 'fid')")
+                raise ValueError(f"{path} is neither scripts/fid.py's results JSON (rows with "
+                                 "'fid') nor scripts/evaluate.py's results.json")
             results.append(res)
         return results
     run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent

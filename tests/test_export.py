@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 from scripts_loader import load_script
-from tiny_ldm import build_tiny_model, save_checkpoint, tiny_model_config
+from tiny_ldm import DDCONFIG, build_tiny_model, save_checkpoint, tiny_model_config
 
 from ldm.checkpoint import load_model
 from ldm.data.captions import conditioning_batch
@@ -26,6 +26,12 @@ CAPTIONS = ["high tumor; low til; invasive ductal carcinoma", "low tumor; high t
 FID_JSON = {"reference": "/data/ref_train.npz", "dims": 2048, "prompt_sampling": "uniform",
             "results": [{"samples": "gen/train", "split": "train", "scale": 1.75, "n": 100,
                          "fid": 12.5, "kid": 0.0031, "kid_std": 0.0004}]}
+
+
+EVALUATE_JSON = {"protocol": {"n": 24, "seed": 0}, "sample_sets": {"train": {"scale": 1.75}},
+                 "flags": [], "metrics": {"inception": {"train": {"overall": {
+                     "fd": 31.25, "kid": 0.0042, "precision": 0.5, "recall": 0.25,
+                     "density": 0.75, "coverage": 0.5}}}}}
 
 
 def _run_dir(tmp: Path, model_cfg: dict, seed: int) -> Path:
@@ -43,6 +49,7 @@ def text_export(tmp_path_factory, tiny_clip_dir):
     run = _run_dir(tmp, tiny_model_config(tiny_clip_dir), seed=1)
     (run / "eval").mkdir()
     (run / "eval" / "fid_results.json").write_text(json.dumps(FID_JSON))
+    (run / "eval" / "results.json").write_text(json.dumps(EVALUATE_JSON))
     load_script("export").main(["--ckpt", str(run), "--out", str(tmp / "out"),
                                 "--license", "cc-by-nc-4.0"])
     return run, tmp / "out"
@@ -165,7 +172,8 @@ def test_card_and_snippet_run_offline(text_export, snippet):
     assert card.startswith("---\nlicense: cc-by-nc-4.0\nlibrary_name: diffusers\n")
     for text in ("Not for diagnosis", "## Training configuration", "linear_start: 0.0015",
                  "ref_train.npz", "| train | train | 1.75 | 100 | 12.500 | 3.100 ± 0.400 |",
-                 "@inproceedings{yellapragada2024pathldm", "trust_remote_code=True"):
+                 "@inproceedings{yellapragada2024pathldm", "trust_remote_code=True",
+                 "(scripts/evaluate.py)", "31.250", '"seed": 0'):
         assert text in card, text
     assert len(snippet["code"].strip().splitlines()) == 3
     assert 'from_pretrained(".", trust_remote_code=True)' in snippet["code"]
@@ -269,3 +277,32 @@ def test_missing_diffusers_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(MissingExtraError, match=r'pathldm\[export\]'):
         _require_diffusers()
+
+
+def test_kl_first_stage_exports_as_autoencoder_kl(tmp_path):
+    """The KL ablation: AutoencoderKL with the LDM's scale factor; decode and denoiser match."""
+    from ldm.export.exporter import ExportOptions, export_model
+    from ldm.export.folder import load_exported
+
+    cfg = tiny_model_config(None)
+    cfg["params"]["scale_factor"] = 0.5
+    cfg["params"]["first_stage_config"] = {
+        "target": "ldm.models.autoencoder.AutoencoderKL",
+        "params": {"embed_dim": 3, "ddconfig": {**DDCONFIG, "double_z": True},
+                   "lossconfig": {"target": "torch.nn.Identity"}}}
+    run = _run_dir(tmp_path, cfg, seed=4)
+    loaded = load_model(run)
+    export_model(loaded, tmp_path / "out", ExportOptions())
+    pipe = _pipe(tmp_path / "out")
+    assert type(pipe.vae).__name__ == "AutoencoderKL" and pipe.vae.config.scaling_factor == 0.5
+    model = loaded.model
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    assert _rel(pipe.decode_latents(z), model.decode_first_stage(z)) < 1e-4
+    labels = [0, 3]
+    c = model.get_conditioning(conditioning_batch(labels))
+    ts = torch.tensor([700, 20])
+    ref = model.apply_model(z, ts, c)
+    assert _rel(pipe.denoise(z, ts, pipe.encode_class_labels(labels)), ref) < 1e-4
+    back = load_exported(tmp_path / "out").model.state_dict()
+    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("model_ema")}
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)

@@ -48,20 +48,27 @@ def find_dataset_card(config: Mapping[str, Any]) -> Path | None:
 
 
 def read_eval_results(path: Path) -> dict[str, Any] | None:
-    """An FID/KID results JSON (``{"results": [{"fid": ...}, ...]}``) or None if not one."""
+    """Evaluation results or None: ``scripts/fid.py``'s JSON (``{"results": [{"fid": ...}]}``,
+    kind ``fid``) or ``scripts/evaluate.py``'s ``results.json`` (``protocol`` and ``metrics``,
+    kind ``evaluate``)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    rows = data.get("results") if isinstance(data, Mapping) else None
+    if not isinstance(data, Mapping):
+        return None
+    if isinstance(data.get("metrics"), Mapping) and isinstance(data.get("protocol"), Mapping) \
+            and isinstance(data.get("sample_sets"), Mapping):
+        return {"file": path.name, "kind": "evaluate", **data}
+    rows = data.get("results")
     if not isinstance(rows, list) or not rows or not all(
             isinstance(r, Mapping) and "fid" in r for r in rows):
         return None
-    return {"file": path.name, **data}
+    return {"file": path.name, "kind": "fid", **data}
 
 
 def find_eval_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Every FID/KID results JSON under a run directory (a few levels deep)."""
+    """Every evaluation results JSON under a run directory (a few levels deep)."""
     found = []
     for depth in range(EVAL_GLOB_DEPTH + 1):
         for path in sorted(run_dir.glob("/".join(["*"] * depth + ["*.json"]))):
@@ -75,23 +82,40 @@ def _fmt(value: Any, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _fid_results(res: Mapping[str, Any]) -> list[str]:
+    parts = [f"From `{res['file']}` (scripts/fid.py): Inception features of "
+             f"{res.get('dims', 2048)} dimensions against the reference "
+             f"`{Path(str(res.get('reference'))).name}`, prompts sampled "
+             f"`{res.get('prompt_sampling')}`.\n",
+             "| samples | prompts | guidance scale | n | FID | KID x1e3 |\n"
+             "|---|---|---|---|---|---|"]
+    for r in res["results"]:
+        kid = ("" if r.get("kid") is None
+               else f"{1e3 * r['kid']:.3f} ± {1e3 * r.get('kid_std', 0.0):.3f}")
+        parts.append(f"| {Path(str(r.get('samples'))).name} | {r.get('split') or ''} | "
+                     f"{_fmt(r.get('scale'), 'g')} | {r.get('n', '')} | "
+                     f"{_fmt(r.get('fid'), '.3f')} | {kid} |")
+    return parts
+
+
+def _evaluate_results(res: Mapping[str, Any]) -> list[str]:
+    from ldm.evaluation.report import metrics_table
+
+    protocol = json.dumps(res["protocol"], indent=1, sort_keys=True, default=str)
+    return [f"From `{res['file']}` (scripts/evaluate.py), overall metrics per sample set:\n",
+            "```\n" + metrics_table(dict(res)) + "\n```\n",
+            "<details><summary>Protocol</summary>\n\n```json\n" + protocol
+            + "\n```\n</details>"]
+
+
 def _eval_section(results: Sequence[Mapping[str, Any]]) -> str:
     if not results:
         return ("No evaluation results were found in the run directory. Compute FID/KID with "
-                "`python scripts/fid.py` (see the project's README) and export again.\n")
+                "`python scripts/fid.py` or `python scripts/evaluate.py` (see the project's "
+                "README) and export again, or pass `--eval`.\n")
     parts = []
     for res in results:
-        parts.append(f"From `{res['file']}`: Inception features of {res.get('dims', 2048)} "
-                     f"dimensions against the reference `{Path(str(res.get('reference'))).name}`"
-                     f", prompts sampled `{res.get('prompt_sampling')}`.\n")
-        parts.append("| samples | prompts | guidance scale | n | FID | KID x1e3 |\n"
-                     "|---|---|---|---|---|---|")
-        for r in res["results"]:
-            kid = ("" if r.get("kid") is None
-                   else f"{1e3 * r['kid']:.3f} ± {1e3 * r.get('kid_std', 0.0):.3f}")
-            parts.append(f"| {Path(str(r.get('samples'))).name} | {r.get('split') or ''} | "
-                         f"{_fmt(r.get('scale'), 'g')} | {r.get('n', '')} | "
-                         f"{_fmt(r.get('fid'), '.3f')} | {kid} |")
+        parts += _evaluate_results(res) if res.get("kind") == "evaluate" else _fid_results(res)
         parts.append("")
     return "\n".join(parts) + "\n"
 
