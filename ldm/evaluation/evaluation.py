@@ -12,7 +12,13 @@ import numpy as np
 
 from ldm.evaluation import memorisation as mem
 from ldm.evaluation import report
-from ldm.evaluation.features import Extractor, embed_texts, extract, load_extractor
+from ldm.evaluation.features import (
+    Extractor,
+    embed_texts,
+    extract,
+    file_tag,
+    load_extractor,
+)
 from ldm.evaluation.images import pil_transform, write_json, write_text
 from ldm.evaluation.metrics import all_metrics
 from ldm.evaluation.prompt_adherence import probe_adherence, text_image_similarity
@@ -32,11 +38,6 @@ logger = logging.getLogger(__name__)
 HELD_OUT_FRACTION = 0.2
 # the real image sets (sample-set labels must differ)
 REFERENCE, TRAIN = "real-reference", "real-train"
-
-
-def tag(spec: str) -> str:
-    """File-name-safe tag of an extractor spec."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec).strip("_")
 
 
 def stratum_of(levels: Any) -> str | None:
@@ -59,7 +60,7 @@ class Evaluation:
     # ------------------------------------------------------------------------- features
     def feature_path(self, name: str, spec: str) -> Path:
         """Where the features of set ``name`` in extractor ``spec`` are saved."""
-        return self.args.out / "features" / name / f"features_{tag(spec)}.npz"
+        return self.args.out / "features" / name / f"features_{file_tag(spec)}.npz"
 
     def image_set(self, name: str) -> ImageSet:
         """The images of set ``name`` (opened once)."""

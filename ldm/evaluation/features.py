@@ -53,10 +53,10 @@ class Extractor:
     provenance: dict[str, Any] = field(default_factory=dict)
     encode_text: Callable[[Sequence[str]], torch.Tensor] | None = None
 
-    @property
-    def file_tag(self) -> str:
-        """The spec as a file-name-safe tag (``features_<tag>.npz``)."""
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in self.spec).strip("_")
+
+def file_tag(spec: str) -> str:
+    """An extractor spec as a file-name-safe tag (``features_<tag>.npz``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in spec).strip("_")
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
