@@ -99,6 +99,15 @@ def test_evaluate_report_saved_features_and_protocol(data, tmp_path):
     with pytest.raises(ProtocolMismatch, match="resize"):
         _run(["--samples", f"train={data['samples']}", "--features-only", "--extractor", spec,
               "--out", str(out), "--resize", "16"])
+    # sample features from other weights than the reference's: refused
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    arrays["meta"] = np.array(json.dumps({**meta, "weights_sha256": "0" * 64}))
+    np.savez(path, **arrays)
+    with pytest.raises(ProtocolMismatch, match="weights_sha256"):
+        _run(["--samples", f"train={data['samples']}", "--features-only", "--extractor", spec,
+              "--out", str(out)])
     with pytest.raises(ProtocolMismatch, match="resize"):
         _run(["--samples", f"train={data['samples']}", "--reference", str(data["store"]),
               "--reference-features",

@@ -139,8 +139,17 @@ class Evaluation:
                             "; run once without --features-only")
                     data = self.compute(name, ext)
                 self.features[(name, spec)] = data
+            self._check_same_weights(spec)
             del ext
             gc.collect()
+
+    def _check_same_weights(self, spec: str) -> None:
+        """Every set's features in ``spec`` come from the same weights as the reference's."""
+        ref = self.features[(REFERENCE, spec)]
+        for name in self.sources:
+            data = self.features[(name, spec)]
+            check_protocol(data["meta"], {"weights_sha256": ref["meta"]["weights_sha256"]},
+                           data["path"], ("weights_sha256",))
 
     def extractors(self) -> list[str]:
         """--extractor plus an explicit --text-extractor."""
