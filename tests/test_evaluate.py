@@ -208,3 +208,34 @@ def test_timm_local_dir_and_missing_weights(tmp_path):
         load_extractor(f"hf:{tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="unknown extractor"):
         load_extractor("resnet")
+
+
+def test_generated_store_parts_and_guidance_plot(tmp_path):
+    """part-*.h5 of fid.py generate --format store: captions, levels, JPEG; the sweep plot."""
+    from tcga_store import jpeg_bytes
+
+    from data_prep.hdf5io import write_split_store
+    from ldm.evaluation import report
+
+    rng = np.random.default_rng(2)
+    for part in range(2):
+        caps = [f"{t} tumor; {i} til; summary" for t, i in LEVELS[part * 2: part * 2 + 2]]
+        write_split_store(tmp_path / f"part-{part:06d}.h5",
+                          [jpeg_bytes(_tile(rng, k)) for k in range(2)], np.zeros(2, int),
+                          np.array([part, part], float), np.array([0.0, 1.0]), ["S1"],
+                          [["summary"]], attrs={"split": "generated"},
+                          extra={"caption": np.array(caps, dtype=object)})
+    images = open_image_set(tmp_path)
+    assert images.kind == "store-parts" and len(images) == 4
+    assert images.levels == LEVELS and images.captions[3] == "high tumor; high til; summary"
+    assert images.format_counts() == {"JPEG": 4} and images.load(0).size == (32, 32)
+
+    results = {"metrics": {"inception": {
+        f"s{s}": {"overall": {"fd": 10.0 / s}} for s in (1, 2)}},
+        "sample_sets": {f"s{s}": {"scale": float(s), "split": "train"} for s in (1, 2)}}
+    sweep = {"results": [{"scale": s, "split": "test", "fid": 5.0 + s} for s in (1.0, 3.0)]}
+    points = report.guidance_points(results, sweep)
+    assert {p["label"] for p in points} == {"FID (test prompts, fid.py sweep)",
+                                            "FD inception (train)"}
+    png = report.plot_guidance(points, tmp_path / "guidance.png")
+    assert png is not None and Image.open(png).size[0] > 100
