@@ -71,6 +71,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["ldm", "ldm.*", "data_prep", "data_prep.*", "scripts",
                                     "pathldm_app", "pathldm_app.*"]),
+    # Top-level `main` and `scripts` are installed as they are: CompVis-style configs name
+    # `main.ImageLogger`, and the commands run the same files as `python scripts/<name>.py`.
     py_modules=["main"],
     package_data={"data_prep": ["prompts/*.txt"],
                   "pathldm_app": ["templates/*.html", "static/*"]},
