@@ -293,3 +293,25 @@ def test_crop_fid_prefers_crops_of_the_same_tissue(tmp_path):
                      inception_weights=weights)
     assert same["n_crops"] == 8 and same["n_real"] == 8
     assert 0 <= same["crop_fid"] < other["crop_fid"]
+
+
+def test_class_model_takes_a_layout_of_classes(tmp_path):
+    """A PNG mask on a class-conditional model: each window gets its region's class label."""
+    import argparse
+
+    from ldm.data.captions import conditioning_batch
+
+    model = build_tiny_model(tiny_model_config(None), seed=2).eval()
+    mask = np.array([[[255, 0, 0], [0, 255, 0]]], np.uint8)  # high/low | low/high
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    sample_large = load_script("sample_large")
+    args = argparse.Namespace(layout=tmp_path / "mask.png", layout_from=None, summary=None,
+                              slide=None, region=None, layout_mode="centre", prompt=None,
+                              tumor=None, til=None, class_label=None)
+    windows = window_grid(8, 32, 8, 2)
+    plan = sample_large.plan_regions(args, "class", windows, 8, (8, 32))
+    assert plan["conditions"] == [2, 1]
+    cond_for, _ = sample_large.window_conditioning(model, plan)
+    with torch.no_grad():
+        two, one = (model.get_conditioning(conditioning_batch([c])) for c in (2, 1))
+        assert torch.equal(cond_for([0]), two) and torch.equal(cond_for([len(windows) - 1]), one)
