@@ -65,6 +65,7 @@ def parse_cell(value: Any, where: str) -> Levels:
 
 
 def _check_grid(rows: list[list[Any]], source: str) -> list[list[Levels]]:
+    """Parsed cells of a rectangular, non-empty grid (errors name the row and column)."""
     if not rows or not rows[0]:
         raise ValueError(f"{source}: the layout grid is empty")
     if any(len(r) != len(rows[0]) for r in rows):

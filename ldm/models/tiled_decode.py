@@ -64,6 +64,7 @@ class SharedGroupNorm:
                 vars(m).pop("forward", None)  # back to the class's forward
 
     def _collect(self, m: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        """GroupNorm as usual, adding each group's sum, sum of squares and count."""
         def forward(x: torch.Tensor) -> torch.Tensor:
             g = x.reshape(x.shape[0], m.num_groups, -1).double()
             acc = self.sums.setdefault(id(m), [0.0, 0.0, 0])
@@ -74,6 +75,7 @@ class SharedGroupNorm:
         return forward
 
     def _apply(self, m: nn.GroupNorm) -> Callable[[torch.Tensor], torch.Tensor]:
+        """GroupNorm with the collected mean and variance instead of the input's own."""
         s1, s2, n = self.sums[id(m)]
         mean = s1 / n
         std = (s2 / n - mean * mean).clamp(min=0).add(m.eps).sqrt()

@@ -139,6 +139,7 @@ def joint_eps(denoiser: Denoiser, x: torch.Tensor, step: int, windows: Sequence[
     w = averager.window
 
     def predictions() -> Any:
+        """``(window, eps)`` of every window, ``batch`` windows per denoiser call."""
         for start in range(0, len(windows), batch):
             idx = list(range(start, min(start + batch, len(windows))))
             xs = torch.cat([x[:, :, y:y + w, c:c + w] for y, c in (windows[i] for i in idx)])
