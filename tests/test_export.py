@@ -253,7 +253,8 @@ def test_class_folder_layout(class_export):
 
 def test_export_refuses_and_keeps_existing(class_export, tmp_path):
     """A non-empty --out is kept unless --overwrite; unexportable settings name themselves."""
-    from ldm.export.configs import vae_config
+    from ldm.export.configs import unet_config, vae_config
+    from ldm.export.exporter import conditioning
 
     run, _ = class_export
     out = tmp_path / "out"
@@ -267,6 +268,10 @@ def test_export_refuses_and_keeps_existing(class_export, tmp_path):
         vae_config({"embed_dim": 3, "n_embed": 8, "ddconfig": {"ch_mult": [2, 2]}}, "vq", 1.0)
     with pytest.raises(ValueError, match="attn_resolutions"):
         keymap.vae_table({"ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": [8]})
+    with pytest.raises(ValueError, match="resblock_updown=True"):
+        unet_config({"use_spatial_transformer": True, "resblock_updown": True}, None)
+    with pytest.raises(ValueError, match="only the transformers CLIP/PLIP text encoder"):
+        conditioning(torch.nn.Module())
 
 
 def test_missing_diffusers_names_the_extra(monkeypatch):

@@ -161,7 +161,9 @@ def render_card(card: CardInfo) -> str:
     dataset = (card.dataset_card.read_text() if card.dataset_card is not None
                else "No dataset card was found next to the training data; describe the "
                     "training patches (source slides, splits, labels) here before publishing.\n")
-    dataset = dataset.replace("\n# ", "\n### ").removeprefix("# ")
+    if dataset.startswith("# "):  # the dataset card's own title: this section names it
+        dataset = dataset.split("\n", 1)[1].lstrip("\n")
+    dataset = dataset.replace("\n# ", "\n### ").replace("\n## ", "\n### ")
     config = yaml.safe_dump(dict(card.config), sort_keys=False)
     return "\n".join([
         _header(card),

@@ -21,7 +21,10 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
 
 
 def long_prompt_ids(tokenizer, prompts: Sequence[str], max_length: int
@@ -146,6 +149,12 @@ class PathLDMPipeline(DiffusionPipeline):
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         latents = latents.to(context.device, context.dtype)
+        train_steps = self.scheduler.config.num_train_timesteps
+        if train_steps % num_inference_steps:
+            logger.warning("%d steps do not divide %d training timesteps: the DDIM timesteps "
+                           "differ from the training code's sampler (which takes %d steps)",
+                           num_inference_steps, train_steps,
+                           len(range(0, train_steps, train_steps // num_inference_steps)))
         self.scheduler.set_timesteps(num_inference_steps, device=context.device)
         for t in self.progress_bar(self.scheduler.timesteps):
             eps = self.denoise(self.scheduler.scale_model_input(latents, t), t, context, uncond,
