@@ -52,7 +52,7 @@ EXAMPLES = """examples:
 """
 # Settings that must match to resume into an existing OUTDIR.
 RESUME_KEYS = ("checkpoint", "weights", "conditioning", "conditions", "steps", "scale", "eta",
-               "seed", "n", "all_levels")
+               "seed", "n", "all_levels", "guidance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,8 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default: 50)")
     s.add_argument("--eta", type=unit_float, default=0.0,
                    help="DDIM eta in [0, 1] (default: 0, deterministic)")
-    s.add_argument("--scale", type=non_negative_float, default=1.75,
-                   help="classifier-free guidance scale (default: 1.75, the paper's)")
+    s.add_argument("--scale", "--guidance", dest="scale", type=non_negative_float, default=1.75,
+                   help="classifier-free guidance scale, all conditionings jointly "
+                        "(default: 1.75, the paper's)")
+    s.add_argument("--guidance-levels", type=float, default=None, metavar="S_L",
+                   help="models with separate levels and text conditionings: guidance scale of "
+                        "the tumor/TIL levels (with --guidance-text: e = e_uu + S_L (e_lu - "
+                        "e_uu) + S_T (e_lt - e_lu); replaces --guidance)")
+    s.add_argument("--guidance-text", type=float, default=None, metavar="S_T",
+                   help="guidance scale of the summary text, added after the levels")
     s.add_argument("--n", type=positive_int, default=4, help="images per prompt (default: 4)")
     s.add_argument("--batch-size", type=positive_int, default=4,
                    help="images per batch (default: 4)")
@@ -171,6 +178,14 @@ def plan_images(conds: Sequence[Any], n: int, seed: int, kind: str,
     return images
 
 
+def separate_guidance(args: argparse.Namespace) -> list[tuple[str, float]] | None:
+    """``[("levels", S_L), ("text", S_T)]`` from --guidance-levels/--guidance-text, or None."""
+    scales = [(name, value) for name, value in (("levels", args.guidance_levels),
+                                                ("text", args.guidance_text))
+              if value is not None]
+    return scales or None
+
+
 def _check_resume(meta_path: Path, meta: dict[str, Any], overwrite: bool) -> None:
     if overwrite or not meta_path.is_file():
         return
@@ -217,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "weights": loaded.weights, "conditioning": kind, "conditions": conds,
             "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
             "n": args.n, "sampler": "DDIM", "grid": "grid.png", "images": images}
+    guidance = separate_guidance(args)
+    if guidance:
+        meta["guidance"] = [list(g) for g in guidance]
     if args.all_levels:
         meta.update(all_levels=True, summary=args.summary)
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     items = [{"path": args.outdir / r["file"], "seed": r["seed"],
               "cond": r.get("prompt", r.get("class_label"))} for r in images]
     made = generate_to_folder(model, items, args.batch_size, args.steps, args.scale, args.eta,
-                              desc="sampling")
+                              desc="sampling", guidance=guidance)
     tiles = [np.asarray(Image.open(args.outdir / r["file"]).convert("RGB")) for r in images]
     if args.all_levels:
         grid = labelled_grid([tiles[i:i + args.n] for i in range(0, len(tiles), args.n)],

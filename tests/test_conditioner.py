@@ -27,7 +27,7 @@ def test_outputs_are_combined_by_kind():
     assert set(out) == {"c_crossattn", "y"}
     (tokens,) = out["c_crossattn"]
     assert tokens.shape == (2, 2, 8)  # one token per embedder, along the sequence
-    e = cond.embedders
+    e = list(cond)
     assert torch.equal(tokens[:, 1], e[1].embedding.weight[[1, 2]])
     assert torch.allclose(out["y"], e[2].embedding.weight[[0, 3]] + e[3].embedding.weight[[1, 2]])
     cat = Conditioner([_class(6, kind="vector"), _class(4, "other", kind="vector")],
@@ -46,8 +46,8 @@ def test_unconditional_and_partial_unconditional_outputs():
     batch = {"class_label": torch.tensor([0, 3]), "other": torch.tensor([1, 2])}
     uc = cond.unconditional(2)
     four = torch.tensor([4, 4])
-    assert torch.equal(uc["y"], cond.embedders[0].embedding.weight[four])
-    assert torch.equal(uc["c_crossattn"][0][:, 0], cond.embedders[1].embedding.weight[four])
+    assert torch.equal(uc["y"], cond.embedders["0"].embedding.weight[four])
+    assert torch.equal(uc["c_crossattn"][0][:, 0], cond.embedders["1"].embedding.weight[four])
     part = cond(batch, uncond_keys=["other"])
     assert torch.equal(part["y"], cond(batch)["y"])
     assert torch.equal(part["c_crossattn"][0], uc["c_crossattn"][0])
@@ -56,7 +56,7 @@ def test_unconditional_and_partial_unconditional_outputs():
 def test_guidance_dropout_rate_is_per_embedder_and_only_with_ucg():
     cond = Conditioner([_class(4, kind="vector", ucg_rate=1.0), _class(4, "other")])
     batch = {"class_label": torch.tensor([0, 3]), "other": torch.tensor([1, 2])}
-    assert torch.equal(cond(batch)["y"], cond.embedders[0].embedding.weight[[0, 3]])
+    assert torch.equal(cond(batch)["y"], cond.embedders["0"].embedding.weight[[0, 3]])
     dropped = cond(batch, ucg=True)
     assert torch.equal(dropped["y"], cond.unconditional(2)["y"])
     assert torch.equal(dropped["c_crossattn"][0], cond(batch)["c_crossattn"][0])
@@ -64,7 +64,7 @@ def test_guidance_dropout_rate_is_per_embedder_and_only_with_ucg():
     labels = torch.arange(4).repeat(250)
     torch.manual_seed(0)
     out = half({"class_label": labels}, ucg=True)["c_crossattn"][0][:, 0]
-    n_uncond = int((out == half.embedders[0].embedding.weight[4]).all(-1).sum())
+    n_uncond = int((out == half.embedders["0"].embedding.weight[4]).all(-1).sum())
     assert 440 < n_uncond < 560
 
 
@@ -77,7 +77,7 @@ def test_legacy_til_exemption_reproduces_the_original_text_dataset(tiny_clip_dir
     probs = [(t, i) for t in (0.2, 0.9) for i in (0.2, 0.9)] * 8
     captions = [original_text(t, i, 1.0, 0.0) for t, i in probs]  # no drop: the full caption
     torch.manual_seed(3)
-    mask = cond.drop_mask(cond.embedders[0], captions)
+    mask = cond.drop_mask(cond.embedders["0"], captions)
     torch.manual_seed(3)
     u = torch.rand(len(captions)).numpy()
     expected = [original_text(t, i, x, 0.5) == "" for (t, i), x in zip(probs, u)]
@@ -85,7 +85,7 @@ def test_legacy_til_exemption_reproduces_the_original_text_dataset(tiny_clip_dir
     assert 0 < sum(expected) < len(expected) // 2  # some dropped, never the high-TIL half
     torch.manual_seed(3)
     got = cond({"caption": captions}, ucg=True)["c_crossattn"][0]
-    embed = cond.embedders[0].encode
+    embed = cond.embedders["0"].encode
     want = embed([("" if d else c) for c, d in zip(captions, expected)])
     assert torch.equal(got, want)
 

@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from scripts_loader import load_script
 from tcga_store import random_store
@@ -44,6 +45,20 @@ def test_fixture_is_small_and_from_main_py():
     assert any(k.startswith("cond_stage_model.transformer.") for k in old["state_dict"])
 
 
+def test_old_checkpoint_loads_strictly_and_samples(tmp_path, monkeypatch):
+    from ldm.checkpoint import load_model
+    from ldm.evaluation.sampling import make_sampler, sample_batch
+
+    _demo_tree(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = load_model(OLD_CKPT, weights="raw").model
+    assert model.conditioning_fields() == ["caption"] and model.supports_guidance()
+    images = sample_batch(model, make_sampler(model), ["high tumor; low til; a summary", ""],
+                          [0, 1], steps=2)
+    assert images.shape == (2, 32, 32, 3) and images.dtype.name == "uint8"
+
+
+@pytest.mark.slow
 def test_old_run_resumes_training_and_samples(tmp_path, monkeypatch):
     run = tmp_path / "logs" / "2026-01-01T00-00-00_demo_tiny"
     shutil.copytree(FIXTURE, run)

@@ -97,6 +97,34 @@ def warn_long_prompts(model: Any, prompts: Sequence[str]) -> int:
     return too_long
 
 
+# Which batch fields each separately guided conditioning covers (sample.py --guidance-levels,
+# --guidance-text), in the order the guidance adds them.
+GUIDANCE_GROUPS = {"levels": ("class_label",), "text": ("summary", "caption")}
+
+
+def guidance_chain(model: Any, batch: dict[str, Any], scales: Sequence[tuple[str, float]]
+                   ) -> tuple[Any, list[tuple[Any, float]]]:
+    """Unconditional conditioning and ``[(cond_k, s_k)]`` for guidance one group at a time.
+
+    ``scales`` names groups of :data:`GUIDANCE_GROUPS` in order, e.g. ``[("levels", s_l),
+    ("text", s_t)]`` gives ``e = e_uu + s_l (e_lu - e_uu) + s_t (e_lt - e_lu)``, where ``e_lu``
+    sees the levels and not the text. Needs a model with a Conditioner that reads each group.
+    """
+    fields = model.conditioning_fields()
+    groups = []
+    for name, _ in scales:
+        if name not in GUIDANCE_GROUPS:
+            raise ValueError(f"unknown guidance group {name!r}; use {sorted(GUIDANCE_GROUPS)}")
+        group = [f for f in GUIDANCE_GROUPS[name] if f in fields]
+        if not group:
+            raise ValueError(f"separate {name} guidance: the model reads no {name} field "
+                             f"(it reads {fields})")
+        groups.append(group)
+    conds = [model.get_conditioning(batch, uncond_keys=[f for g in groups[k:] for f in g])
+             for k in range(len(groups) + 1)]
+    return conds[0], [(c, float(s)) for c, (_, s) in zip(conds[1:], scales)]
+
+
 def class_of(cond: str | int) -> int:
     """Class label of a class-conditional model from a label or a training-format caption."""
     if isinstance(cond, int):
@@ -111,13 +139,16 @@ def class_of(cond: str | int) -> int:
 @torch.no_grad()
 def sample_batch(model: Any, sampler: Any, conds: Sequence[Any], seeds: Sequence[int],
                  steps: int = 50, scale: float = 1.75, eta: float = 0.0,
-                 callback: Callable[[int], None] | None = None) -> np.ndarray:
+                 callback: Callable[[int], None] | None = None,
+                 guidance: Sequence[tuple[str, float]] | None = None) -> np.ndarray:
     """Generate one image per ``(cond, seed)`` with DDIM; uint8 ``(B, H, W, 3)``.
 
     Conditions are captions, class labels or records
     (:func:`ldm.data.captions.conditioning_batch`).
 
     ``callback(i)`` is called after DDIM step ``i`` (0-based), e.g. to report progress.
+    ``guidance`` (e.g. ``[("levels", 2.0), ("text", 1.5)]``) guides each conditioning with its
+    own scale (:func:`guidance_chain`) instead of the joint ``scale``.
 
     With ``eta = 0`` each image depends only on its seed; with ``eta > 0`` the sampler's extra
     noise is seeded from the batch's first seed, so results then also depend on batching.
@@ -127,13 +158,17 @@ def sample_batch(model: Any, sampler: Any, conds: Sequence[Any], seeds: Sequence
     b = len(seeds)
     shape = (model.channels, model.image_size, model.image_size)
     x_t = initial_noise(seeds, shape, model.device)
-    c = model.get_conditioning(conditioning_batch(conds))
+    batch = conditioning_batch(conds)
+    c = model.get_conditioning(batch)
     uc = model.get_unconditional_conditioning(b) if c is not None and scale != 1.0 else None
+    chain = None
+    if guidance:
+        uc, chain = guidance_chain(model, batch, guidance)
     torch.manual_seed(int(seeds[0]))
     samples, _ = sampler.sample(S=steps, batch_size=b, shape=shape, conditioning=c, eta=eta,
                                 unconditional_guidance_scale=scale,
                                 unconditional_conditioning=uc, x_T=x_t, verbose=False,
-                                callback=callback)
+                                callback=callback, guidance_chain=chain)
     return to_uint8(model.decode_first_stage(samples))
 
 
@@ -154,7 +189,8 @@ def make_sampler(model: Any) -> Any:
 
 def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: int,
                        steps: int, scale: float, eta: float, desc: str = "sampling",
-                       callback: Callable[[int], None] | None = None) -> int:
+                       callback: Callable[[int], None] | None = None,
+                       guidance: Sequence[tuple[str, float]] | None = None) -> int:
     """Write one PNG per item (``{"path", "cond", "seed"}``), skipping existing files.
 
     Returns how many images were generated; files appear atomically, so an interrupted run
@@ -176,7 +212,7 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
             batch = todo[start:start + batch_size]
             images = sample_batch(model, sampler, [it["cond"] for it in batch],
                                   [it["seed"] for it in batch], steps=steps, scale=scale, eta=eta,
-                                  callback=callback)
+                                  callback=callback, guidance=guidance)
             for it, img in zip(batch, images):
                 save_png(img, it["path"])
             bar.update(len(batch))

@@ -9,7 +9,7 @@ batches ``cat([uc, c])`` and one ``randn(x.shape)`` is drawn per step even when 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,13 +65,38 @@ class DDIMSchedule:
                 full(self.sigmas[index]), full(self.sqrt_one_minus_alphas[index]))
 
 
+def cat_conds(conds: Sequence[Cond]) -> Cond:
+    """Concatenate conditionings (tensors, lists or dicts of them) along the batch, in order."""
+    first = conds[0]
+    if isinstance(first, Mapping):
+        return {k: cat_conds([c[k] for c in conds]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [cat_conds([c[i] for c in conds]) for i in range(len(first))]
+    return torch.cat(list(conds))
+
+
 def cat_cond(uc: Cond, c: Cond) -> Cond:
     """Concatenate unconditional and conditional inputs along the batch, ``[uc, c]``."""
-    if isinstance(c, Mapping):
-        return {k: cat_cond(uc[k], c[k]) for k in c}
-    if isinstance(c, (list, tuple)):
-        return [cat_cond(u, v) for u, v in zip(uc, c)]
-    return torch.cat([uc, c])
+    return cat_conds([uc, c])
+
+
+def chained_eps(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, conds: Sequence[Cond],
+                scales: Sequence[float]) -> torch.Tensor:
+    """Guidance one conditioning at a time: ``e_0 + sum_k scales[k-1] * (e_k - e_(k-1))``.
+
+    ``conds[0]`` is the most unconditional branch and each next one adds a conditioning (e.g.
+    ``[uncond, levels only, levels + text]`` gives ``e_uu + s_l (e_lu - e_uu) + s_t (e_lt -
+    e_lu)``); one batched forward. Two conditionings are ordinary classifier-free guidance.
+    """
+    if len(scales) != len(conds) - 1:
+        raise ValueError(f"{len(conds)} conditionings need {len(conds) - 1} scales, "
+                         f"got {len(scales)}")
+    n = len(conds)
+    eps = denoiser(torch.cat([x] * n), torch.cat([t] * n), cat_conds(conds)).chunk(n)
+    out = eps[0]
+    for k, scale in enumerate(scales, start=1):
+        out = out + scale * (eps[k] - eps[k - 1])
+    return out
 
 
 def guided_eps(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Cond,
@@ -179,6 +204,14 @@ def model_denoiser(model: Any, score_corrector: Any = None,
     return denoise
 
 
+def _chained(denoiser: Denoiser, conds: Sequence[Cond], scales: Sequence[float]) -> Denoiser:
+    """A denoiser that ignores its conditioning and applies :func:`chained_eps` over ``conds``."""
+    def denoise(x: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
+        return chained_eps(denoiser, x, t, conds, scales)
+
+    return denoise
+
+
 class DDIMSampler:
     """CompVis ``DDIMSampler``: ``DDIMSampler(model).sample(S, batch_size, shape, ...)``.
 
@@ -224,11 +257,14 @@ class DDIMSampler:
                unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Cond | None = None, use_tqdm: bool | None = None,
                sample_uncond_separate: bool = False, ddim_discretize: str = "uniform",
+               guidance_chain: Sequence[tuple[Cond, float]] | None = None,
                **kwargs: Any) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Draw ``batch_size`` samples of ``shape`` (C, H, W) with ``S`` DDIM steps.
 
         Returns ``(samples, {"x_inter": [...], "pred_x0": [...]})``. ``use_tqdm`` defaults to
-        ``verbose``.
+        ``verbose``. ``guidance_chain`` ``[(cond_1, s_1), ..., (cond_n, s_n)]`` guides one
+        conditioning at a time from ``unconditional_conditioning`` (:func:`chained_eps`) in
+        place of ``unconditional_guidance_scale``.
         """
         if kwargs:
             logger.warning("DDIMSampler.sample ignores unknown arguments %s", sorted(kwargs))
@@ -243,7 +279,7 @@ class DDIMSampler:
             unconditional_guidance_scale=unconditional_guidance_scale,
             unconditional_conditioning=unconditional_conditioning,
             use_tqdm=verbose if use_tqdm is None else use_tqdm,
-            sample_uncond_separate=sample_uncond_separate)
+            sample_uncond_separate=sample_uncond_separate, guidance_chain=guidance_chain)
 
     @torch.no_grad()
     def ddim_sampling(self, cond: Cond, shape: tuple[int, ...], x_T: torch.Tensor | None = None,
@@ -254,7 +290,8 @@ class DDIMSampler:
                       score_corrector: Any = None, corrector_kwargs: Mapping | None = None,
                       unconditional_guidance_scale: float = 1.0,
                       unconditional_conditioning: Cond | None = None, use_tqdm: bool = True,
-                      sample_uncond_separate: bool = False
+                      sample_uncond_separate: bool = False,
+                      guidance_chain: Sequence[tuple[Cond, float]] | None = None
                       ) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sampling loop over the schedule set by :meth:`make_schedule`."""
         if self.ddim is None:
@@ -273,8 +310,16 @@ class DDIMSampler:
             def denoised_fn(pred_x0: torch.Tensor) -> torch.Tensor:
                 return self.model.first_stage_model.quantize(pred_x0)[0]
 
+        denoiser = model_denoiser(self.model, score_corrector, corrector_kwargs)
+        if guidance_chain:
+            if unconditional_conditioning is None:
+                raise ValueError("guidance_chain starts from unconditional_conditioning; give it")
+            denoiser = _chained(denoiser, [unconditional_conditioning,
+                                           *(c for c, _ in guidance_chain)],
+                                [s for _, s in guidance_chain])
+            unconditional_conditioning, unconditional_guidance_scale = None, 1.0
         return sample_ddim(
-            model_denoiser(self.model, score_corrector, corrector_kwargs), img, self.ddim,
+            denoiser, img, self.ddim,
             cond, unconditional_conditioning, unconditional_guidance_scale,
             sample_uncond_separate, log_every_t, temperature, noise_dropout, denoised_fn,
             inpaint, callback, img_callback, progress=use_tqdm)

@@ -235,8 +235,7 @@ class LatentDiffusion(DDPM):
         """Whether the model has an unconditional input for classifier-free guidance."""
         stage = self.cond_stage_model
         if isinstance(stage, Conditioner):
-            return all(callable(getattr(e, "unconditional_input", None))
-                       for e in stage.embedders)
+            return all(callable(getattr(e, "unconditional_input", None)) for e in stage)
         return callable(getattr(stage, "unconditional_input", None))
 
     def get_learned_conditioning(self, c: Any) -> Any:

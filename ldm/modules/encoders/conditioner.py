@@ -14,17 +14,24 @@ Config::
       target: ldm.modules.encoders.conditioner.Conditioner
       params:
         vector_combine: sum            # or concat
-        embedders:
-          - target: ldm.modules.encoders.modules.ClassEmbedder
+        embedders:                     # a mapping (names in the state-dict keys) or a list
+          levels:
+            target: ldm.modules.encoders.modules.ClassEmbedder
             params: {embed_dim: 128, n_classes: 5, key: class_label}
             input_key: class_label
             kind: vector
             ucg_rate: 0.1
-          - target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+          text:
+            target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
             params: {version: openai/clip-vit-base-patch32, max_length: 154}
             input_key: summary
             kind: crossattn
             ucg_rate: 0.1
+
+An overlay or a ``key=value`` override reaches an embedder by name
+(``model.params.cond_stage_config.params.embedders.text.params.version=DIR``); a list's
+embedders are named ``0``, ``1``, ... (sgm's ``emb_models`` layout). State-dict keys are
+``cond_stage_model.embedders.<name>.*``.
 
 A single embedder given directly as ``cond_stage_config`` (every CompVis/PathLDM config) does not
 go through this module: its state-dict keys stay ``cond_stage_model.*``.
@@ -119,7 +126,7 @@ class Conditioner(nn.Module):
         vector_combine: ``sum`` (vectors of equal width) or ``concat`` (along the features).
     """
 
-    def __init__(self, embedders: Sequence[Mapping[str, Any]],
+    def __init__(self, embedders: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
                  vector_combine: str = "sum") -> None:
         super().__init__()
         if not embedders:
@@ -128,29 +135,36 @@ class Conditioner(nn.Module):
             raise ValueError(f"vector_combine must be one of {VECTOR_COMBINES}, "
                              f"got {vector_combine!r}")
         self.vector_combine = vector_combine
-        modules = []
-        for i, cfg in enumerate(embedders):
+        named = (embedders.items() if isinstance(embedders, Mapping)
+                 else ((str(i), cfg) for i, cfg in enumerate(embedders)))
+        modules = {}
+        for name, cfg in named:
             if "input_key" not in cfg:
-                raise KeyError(f"Conditioner embedder {i} ({cfg.get('target')}) has no input_key")
+                raise KeyError(f"Conditioner embedder {name} ({cfg.get('target')}) has no "
+                               "input_key")
             spec = {k: cfg[k] for k in SPEC_KEYS if k in cfg}
             module = instantiate_from_config({k: v for k, v in cfg.items() if k not in spec})
-            modules.append(configure_embedder(module, **spec))
-        self.embedders = nn.ModuleList(modules)
+            modules[str(name)] = configure_embedder(module, **spec)
+        self.embedders = nn.ModuleDict(modules)
+
+    def __iter__(self):
+        """The embedders, in config order."""
+        return iter(self.embedders.values())
 
     @property
     def input_keys(self) -> list[str]:
         """The batch fields the embedders read."""
-        return [e.input_key for e in self.embedders]
+        return [e.input_key for e in self]
 
     @property
     def is_trainable(self) -> bool:
         """Whether any embedder trains."""
-        return any(e.is_trainable for e in self.embedders)
+        return any(e.is_trainable for e in self)
 
     def train(self, mode: bool = True) -> Conditioner:
         """Frozen embedders stay in eval mode."""
         super().train(mode)
-        for e in self.embedders:
+        for e in self:
             if not e.is_trainable:
                 e.eval()
         return self
@@ -197,7 +211,7 @@ class Conditioner(nn.Module):
         if unknown:
             raise KeyError(f"no embedder reads {sorted(unknown)} (input keys {self.input_keys})")
         outs: dict[str, list[torch.Tensor]] = {}
-        for e in self.embedders:
+        for e in self:
             out = self.embed(e, batch, ucg=ucg, uncond=e.input_key in uncond_keys)
             outs.setdefault(e.kind, []).append(out)
         return self._combine(outs)
@@ -222,5 +236,5 @@ class Conditioner(nn.Module):
 
     def unconditional(self, batch_size: int) -> dict[str, Any]:
         """The fully unconditional output for ``batch_size`` samples."""
-        batch = {e.input_key: unconditional_value(e, batch_size) for e in self.embedders}
+        batch = {e.input_key: unconditional_value(e, batch_size) for e in self}
         return self(batch)
