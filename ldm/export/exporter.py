@@ -65,12 +65,13 @@ def first_stage_kind(model: torch.nn.Module) -> str:
 def conditioning(model: torch.nn.Module) -> str:
     """``"text"`` (a transformers CLIP tower) or ``"class"``; others are not exportable."""
     from ldm.modules.encoders.clip_text import FrozenCLIPEmbedder
-    from ldm.modules.encoders.modules import ClassEmbedder
 
     stage = getattr(model, "cond_stage_model", None)
     if isinstance(stage, FrozenCLIPEmbedder):
         return "text"
-    if isinstance(stage, ClassEmbedder):
+    # a single class embedder: reads only class labels, one embedding table
+    if (model.conditioning_fields() == ["class_label"]
+            and isinstance(getattr(stage, "embedding", None), torch.nn.Embedding)):
         return "class"
     raise ValueError(f"conditioning {type(stage).__name__}: only the transformers CLIP/PLIP "
                      "text encoder and the class embedder are exportable")
