@@ -4,11 +4,12 @@
 From sample sets (folders of scripts/sample.py or scripts/fid.py generate, or the part-*.h5
 store of fid.py generate --format store) and a reference split store (or image folder):
 
-  features      per extractor (--extractor: inception, plip, clip, hf:ID|DIR, timm:NAME|DIR,
-                open_clip:MODEL@PRETRAINED), saved as OUT/features/<set>/features_<ext>.npz
-                with the image names and the protocol; reused when present (resumable), an
-                error when made under another protocol. --features-only computes everything
-                from saved features, without images or networks.
+  features      per extractor (--extractor: inception, plip, clip, hf:ID|DIR,
+                timm:NAME|DIR[,KEY=VALUE...], open_clip:MODEL@PRETRAINED), saved as
+                OUT/features/<set>/features_<ext>.npz with the image names and the protocol;
+                reused when present (resumable), an error when made under another protocol.
+                --features-only computes everything from saved features, without images or
+                networks.
   metrics       Fréchet distance, KID, precision/recall, density/coverage (k=--k) of each set
                 against the reference, overall and per tumor/TIL stratum.
   memorisation  nearest training patch of every sample (--train, default the reference).
@@ -41,7 +42,8 @@ EXAMPLES = """examples:
   # the extended report: pathology feature spaces, train vs held-out prompts, adherence
   python scripts/evaluate.py --samples train=gen/train test=gen/test \\
       --reference data/tcga_brca/test.h5 --train data/tcga_brca/train.h5 \\
-      --extractor inception plip timm:hf-hub:bioptimus/H-optimus-0 --out eval/full
+      --extractor inception plip \\
+      timm:hf-hub:bioptimus/H-optimus-0,init_values=1e-5,dynamic_img_size=False --out eval/full
   # recompute the metrics from the saved features only
   python scripts/evaluate.py --samples train=gen/train test=gen/test --features-only \\
       --extractor inception plip --out eval/full --k 3
