@@ -239,3 +239,22 @@ def test_generated_store_parts_and_guidance_plot(tmp_path):
                                             "FD inception (train)"}
     png = report.plot_guidance(points, tmp_path / "guidance.png")
     assert png is not None and Image.open(png).size[0] > 100
+
+
+def test_open_clip_extractor_embeds_images_and_text(tmp_path):
+    """open_clip:<model>: its own preprocessing, image and text towers (a tiny config)."""
+    import open_clip
+
+    from ldm.evaluation.features import embed_texts
+
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                          "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    (tmp_path / "tiny-eval-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path)
+    ext = load_extractor("open_clip:tiny-eval-clip")
+    x = ext.preprocess(Image.new("RGB", (64, 48), (200, 100, 150)))
+    assert tuple(x.shape) == (3, 32, 32) and ext.embed(x[None]).shape == (1, 16)
+    assert embed_texts(ext, ["low tumor; high til; summary"] * 3).shape == (3, 16)
