@@ -6,6 +6,10 @@ Prompts come from --prompt (repeatable) and --prompt-file (one per line). With -
 "<tumor> tumor; <til> til; <summary>". Class-conditional models take --class-label, or derive
 the label from --tumor/--til (0 low/low, 1 low/high TIL, 2 high/low, 3 high/high).
 
+Models that read the levels and the summary separately (configs/ablations/levels_vector_text.yaml)
+take the same captions; --guidance-levels S_L and --guidance-text S_T then guide each with its
+own scale, e = e_uu + S_L (e_lu - e_uu) + S_T (e_lt - e_lu), in place of the joint --guidance.
+
 --all-levels renders the four tumor/TIL combinations for one --summary (class models: the four
 classes) as the paper's Figures 3 and 4: one labelled row per combination, the summary on top,
 and the same seed in every row of a column, so columns differ only by the levels.
@@ -186,6 +190,21 @@ def separate_guidance(args: argparse.Namespace) -> list[tuple[str, float]] | Non
     return scales or None
 
 
+def run_metadata(args: argparse.Namespace, loaded: Any, kind: str, conds: Sequence[Any],
+                 images: list[dict[str, Any]]) -> dict[str, Any]:
+    """``metadata.json`` of a run: checkpoint, settings, conditions and every image."""
+    meta = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
+            "weights": loaded.weights, "conditioning": kind, "conditions": list(conds),
+            "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
+            "n": args.n, "sampler": "DDIM", "grid": "grid.png", "images": images}
+    guidance = separate_guidance(args)
+    if guidance:
+        meta["guidance"] = [list(g) for g in guidance]
+    if args.all_levels:
+        meta.update(all_levels=True, summary=args.summary)
+    return meta
+
+
 def _check_resume(meta_path: Path, meta: dict[str, Any], overwrite: bool) -> None:
     if overwrite or not meta_path.is_file():
         return
@@ -228,15 +247,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if kind == "text":
         warn_long_prompts(model, conds)
     images = plan_images(conds, args.n, args.seed, kind, shared_columns=args.all_levels)
-    meta = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
-            "weights": loaded.weights, "conditioning": kind, "conditions": conds,
-            "steps": args.steps, "scale": args.scale, "eta": args.eta, "seed": args.seed,
-            "n": args.n, "sampler": "DDIM", "grid": "grid.png", "images": images}
+    meta = run_metadata(args, loaded, kind, conds, images)
     guidance = separate_guidance(args)
-    if guidance:
-        meta["guidance"] = [list(g) for g in guidance]
-    if args.all_levels:
-        meta.update(all_levels=True, summary=args.summary)
     args.outdir.mkdir(parents=True, exist_ok=True)
     meta_path = args.outdir / "metadata.json"
     _check_resume(meta_path, meta, args.overwrite)

@@ -15,7 +15,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.distributed import global_std
 from ldm.models.first_stage import FirstStage
-from ldm.modules.encoders.conditioner import Conditioner
+from ldm.modules.encoders.conditioner import Conditioner, set_trainable
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
@@ -132,13 +132,8 @@ class LatentDiffusion(DDPM):
                 raise ValueError("with a Conditioner set is_trainable on its embedders, not "
                                  "cond_stage_trainable")
             self.cond_stage_trainable = stage.is_trainable
-        elif self.cond_stage_trainable:
-            if callable(getattr(stage, "unfreeze", None)):
-                stage.unfreeze()  # a text tower frozen by default
         else:
-            stage.eval()
-            for param in stage.parameters():
-                param.requires_grad = False
+            set_trainable(stage, self.cond_stage_trainable)
         self.cond_stage_model = stage
 
     def train(self, mode: bool = True) -> LatentDiffusion:

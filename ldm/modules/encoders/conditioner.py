@@ -68,7 +68,13 @@ def configure_embedder(module: nn.Module, input_key: str, kind: str = "crossattn
     module.input_key, module.kind = str(input_key), kind
     module.ucg_rate, module.is_trainable = float(ucg_rate), bool(is_trainable)
     module.legacy_til_exemption = bool(legacy_til_exemption)
-    if is_trainable:
+    return set_trainable(module, is_trainable)
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> nn.Module:
+    """Unfreeze ``module`` (a text tower's own ``unfreeze`` where it has one), or freeze it in
+    eval mode."""
+    if trainable:
         if callable(getattr(module, "unfreeze", None)):
             module.unfreeze()  # a text tower frozen by default
     else:
