@@ -70,7 +70,7 @@ def conditioning(model: torch.nn.Module) -> str:
     if isinstance(stage, FrozenCLIPEmbedder):
         return "text"
     # a single class embedder: reads only class labels, one embedding table
-    if (model.conditioning_fields() == ["class_label"]
+    if (getattr(model, "cond_stage_key", None) == "class_label"
             and isinstance(getattr(stage, "embedding", None), torch.nn.Embedding)):
         return "class"
     raise ValueError(f"conditioning {type(stage).__name__}: only the transformers CLIP/PLIP "
