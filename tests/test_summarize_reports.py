@@ -1,10 +1,12 @@
 """Report summarization against a real OpenAI-compatible HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
-import _thread
 import csv
 import json
 import logging
+import signal
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -147,11 +149,23 @@ def test_exhausted_retries_and_bad_request_fail_without_record(server, reports_c
     assert _ok_pairs(out) == Counter({(rid, 0): 1 for rid in REPORT_IDS})
 
 
+def _ctrl_c_at(request_number: int):
+    """A server hook that sends SIGINT to the main thread on one request, then holds that
+    response a moment so the run is still in flight when the signal is handled (a real signal
+    wakes the blocked main thread; ``_thread.interrupt_main`` only sets a flag, and on a loaded
+    machine the run could finish before the flag was ever checked)."""
+    def hook(n: int) -> None:
+        if n == request_number:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            time.sleep(0.5)
+    return hook
+
+
 @pytest.mark.parametrize("how", ["interrupt", "outage"])
 def test_killed_run_resumes_each_pair_exactly_once(server, reports_csv, tmp_path, how):
     out = tmp_path / "s.jsonl"
     if how == "interrupt":  # Ctrl-C in the main thread while requests are in flight
-        server.on_request = lambda n: _thread.interrupt_main() if n == 5 else None
+        server.on_request = _ctrl_c_at(5)
         assert _run(server, reports_csv, out, "--n-summaries", "3") == 130
     else:  # the server goes down for good after 7 requests
         server.fail_after = 7
