@@ -71,14 +71,26 @@ def tiny_model(model: DictConfig, text_dir: Path) -> tuple[DictConfig, int]:
     p.image_size = latent
     cond = p.cond_stage_config
     if isinstance(cond, DictConfig):
-        name = cond.target.rsplit(".", 1)[-1]
-        if name in TEXT_ENCODERS:
-            cond.params.version = str(text_dir)
-        elif "embed_dim" in cond.get("params", {}):
-            cond.params.embed_dim = 32
+        embedders = cond.get("params", {}).get("embedders")  # a Conditioner's
+        if embedders is None:
+            embedders = [cond]
+        elif isinstance(embedders, DictConfig):
+            embedders = list(embedders.values())
+        for emb in embedders:
+            _tiny_embedder(emb, text_dir)
         if unet.get("context_dim") is not None:
             unet.context_dim = 32
+        if unet.get("adm_in_channels") is not None:
+            unet.adm_in_channels = 32
     return model, latent
+
+
+def _tiny_embedder(cond: DictConfig, text_dir: Path) -> None:
+    name = cond.target.rsplit(".", 1)[-1]
+    if name in TEXT_ENCODERS:
+        cond.params.version = str(text_dir)
+    elif "embed_dim" in cond.get("params", {}):
+        cond.params.embed_dim = 32
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -97,7 +109,7 @@ def test_every_config_builds_its_model_data_and_callbacks(path, tiny_clip_dir):
     if latent:  # a latent diffusion model: one training loss on a tiny batch
         batch = {"image": torch.rand(2, 32, 32, 3) * 2 - 1,
                  "caption": ["high tumor; low til; a summary", ""],
-                 "class_label": torch.tensor([2, 4])}
+                 "class_label": torch.tensor([2, 4]), "summary": ["a summary", ""]}
         loss, _ = model.shared_step(batch)
         assert torch.isfinite(loss)
         z = model.get_input(batch, model.first_stage_key)[0]
