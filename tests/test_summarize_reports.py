@@ -161,8 +161,18 @@ def _ctrl_c_at(request_number: int):
     return hook
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, as in a fresh process: a
+    library used by an earlier test in the same process may have left another one installed."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("how", ["interrupt", "outage"])
-def test_killed_run_resumes_each_pair_exactly_once(server, reports_csv, tmp_path, how):
+def test_killed_run_resumes_each_pair_exactly_once(server, reports_csv, tmp_path, how,
+                                                   python_sigint):
     out = tmp_path / "s.jsonl"
     if how == "interrupt":  # Ctrl-C in the main thread while requests are in flight
         server.on_request = _ctrl_c_at(5)
