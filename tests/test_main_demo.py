@@ -52,7 +52,7 @@ def test_demo_defaults_show_the_captions_steering_the_samples(tmp_path):
     assert report["n_generated"] == 48
     assert report["tumor"]["generated"]["n"] == {"low": 24, "high": 24}
     assert report["tumor"]["real_gap"] > 0 and report["tumor"]["ratio"] >= 0.5, report["tumor"]
-    if not report["til"]["right_direction"]:  # fragile: -0.10 with one thread, +0.23 with two (README)
+    if not report["til"]["right_direction"]:  # fragile: -0.10 one thread, +0.23 two (README)
         pytest.xfail(f"TIL level does not move its statistic the right way yet: "
                      f"ratio {report['til']['ratio']:.2f}")
     assert report["passed"]
