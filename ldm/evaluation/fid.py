@@ -175,26 +175,12 @@ def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
     """Kernel Inception Distance: mean and std over subsets of the unbiased MMD².
 
     Polynomial kernel ``k(x, y) = (x·y / d + 1)^3`` (Bińkowski et al. 2018); each subset draws
-    ``m = min(subset_size, n1, n2)`` rows without replacement from each set.
+    ``m = min(subset_size, n1, n2)`` rows without replacement from each set. The formula has one
+    owner, :func:`ldm.evaluation.metrics.kid` (blocked, so large sets fit in memory).
     """
-    f1, f2 = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
-    if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
-        raise ValueError(f"feature shapes do not match: {f1.shape} vs {f2.shape}")
-    m = min(subset_size, len(f1), len(f2))
-    if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    d = f1.shape[1]
-    rng = np.random.default_rng(seed)
-    values = np.empty(num_subsets)
-    for s in range(num_subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx = (x @ x.T / d + 1) ** 3
-        kyy = (y @ y.T / d + 1) ** 3
-        kxy = (x @ y.T / d + 1) ** 3
-        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-        values[s] = within - 2 * kxy.sum() / (m * m)
-    return float(values.mean()), float(values.std())
+    from ldm.evaluation.metrics import kid as blocked_kid
+
+    return blocked_kid(features1, features2, num_subsets, subset_size, seed)
 
 
 def features_path(stats_path: str | Path) -> Path:

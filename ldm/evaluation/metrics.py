@@ -8,7 +8,7 @@ a few hundred MB beyond the features themselves. Definitions:
   trace of the square root from the eigenvalues of ``L^T S2 L`` with ``S1 = L L^T`` (equal
   to pytorch-fid's ``sqrtm`` to float tolerance, several times faster).
 - KID: unbiased MMD² with the kernel ``(x·y / d + 1)³`` over random subsets (Bińkowski et al.
-  2018); the same subsets as :func:`ldm.evaluation.fid.kid` for the same seed.
+  2018); the subsets are drawn as the original per-subset KID drew them.
 - precision/recall (Kynkäänniemi et al. 2019) and density/coverage (Naeem et al. 2020) with
   k-nearest-neighbour balls, exactly as the reference ``prdc`` package.
 """
@@ -115,7 +115,7 @@ def frechet_distance_of(x: np.ndarray, y: np.ndarray) -> float:
 
 def draw_kid_subsets(n1: int, n2: int, num_subsets: int, subset_size: int,
                 seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The random subsets KID draws (the draws of :func:`ldm.evaluation.fid.kid`)."""
+    """The random subsets KID draws (seeded: the same seed gives the same subsets)."""
     m = min(subset_size, n1, n2)
     if m < 2:
         raise ValueError(f"KID needs at least 2 samples per set, got {n1} and {n2}")
@@ -159,7 +159,7 @@ def _kid_from_sums(kxx: np.ndarray, kyy: np.ndarray, kxy: np.ndarray, x: np.ndar
 
 def kid(x: np.ndarray, y: np.ndarray, num_subsets: int = 100, subset_size: int = 1000,
         seed: int = 0) -> tuple[float, float]:
-    """KID mean and std over subsets (blocked; equals :func:`ldm.evaluation.fid.kid`)."""
+    """KID mean and std over subsets, block by block (the one KID formula of the project)."""
     x, y = as_features(x, "first set"), as_features(y, "second set")
     _check_pair(x, y)
     return pairwise_metrics(x, y, nearest_k=None, kid_subsets=num_subsets,
