@@ -44,9 +44,7 @@ from ldm.evaluation.fid import (
     DIMS,
     FID_WEIGHTS_FILE,
     extract_features,
-    feature_statistics,
-    frechet_distance,
-    kid,
+    inception_protocol,
     load_inception,
     load_statistics,
     save_statistics,
@@ -59,7 +57,8 @@ from ldm.evaluation.images import (
     write_json,
     write_text,
 )
-from ldm.evaluation.protocol import stats_protocol_path
+from ldm.evaluation.metrics import feature_statistics, frechet_distance, kid
+from ldm.evaluation.protocol import read_stats_protocol, stats_protocol, write_stats_protocol
 from ldm.evaluation.sampling import PROMPT_SAMPLINGS
 
 logger = logging.getLogger("fid")
@@ -207,8 +206,8 @@ def cmd_ref_stats(args: argparse.Namespace) -> dict[str, Any]:
     mu, sigma = feature_statistics(feats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_statistics(args.out, mu, sigma, features=None if args.no_features else feats)
-    write_json(_stats_protocol(model, args, args.images, len(feats)),
-               stats_protocol_path(args.out))
+    write_stats_protocol(args.out, stats_protocol(_requested_protocol(model, args), args.images,
+                                                  args.n, args.seed, len(feats)))
     logger.info("wrote %s (%d images, %d dims)", args.out, len(feats), feats.shape[1])
     return {"out": str(args.out), "n": len(feats), "dims": int(feats.shape[1])}
 
@@ -345,32 +344,12 @@ def _write_part(args: argparse.Namespace, model: Any, sampler: Any, kind: str,
 
 
 def _requested_protocol(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """What must agree between reference statistics and the scoring (evaluate.py's keys)."""
-    from ldm.evaluation.features import state_dict_hash
-
-    return {"extractor": f"inception:{args.dims}", "weights_sha256": state_dict_hash(model),
-            "center_crop": args.center_crop, "resize": args.resize}
-
-
-def _stats_protocol(model: Any, args: argparse.Namespace, images: Path, n: int) -> dict:
-    """The provenance of reference statistics: protocol, image set and its hash, versions."""
-    from ldm.evaluation.images import is_store
-    from ldm.evaluation.protocol import files_sha256, package_versions
-
-    files = [images] if is_store(images) else list_image_files(images)
-    return {**_requested_protocol(model, args), "n_requested": args.n, "seed": args.seed,
-            "images": {"path": str(images.resolve()), "n": n, "sha256": files_sha256(files)},
-            "packages": package_versions()}
+    return inception_protocol(model, args.dims, args.center_crop, args.resize)
 
 
 def _reference(model: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
     if args.ref.suffix == ".npz":
-        from ldm.evaluation.protocol import check_protocol
-
-        sidecar = stats_protocol_path(args.ref)
-        if sidecar.is_file():  # statistics written before the sidecar existed have none
-            args.reference_protocol = json.loads(sidecar.read_text())
-            check_protocol(args.reference_protocol, _requested_protocol(model, args), args.ref)
+        args.reference_protocol = read_stats_protocol(args.ref, _requested_protocol(model, args))
         mu, sigma, feats = load_statistics(args.ref)
         if feats is None:
             logger.warning("%s has no features sidecar: KID skipped", args.ref)
@@ -435,6 +414,7 @@ def _check_sources(args: argparse.Namespace, folders: Sequence[Path]) -> None:
     """Read the reference statistics and list every image source before any network runs."""
     if args.ref.suffix == ".npz":
         load_statistics(args.ref)
+        read_stats_protocol(args.ref, {})  # readable; checked once the Inception is known
     else:
         open_images(args.ref, transform=pil_transform(args.center_crop, args.resize),
                     one_size=True)

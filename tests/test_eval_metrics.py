@@ -37,15 +37,63 @@ def test_frechet_distance_closed_form_gaussians():
     assert fd == pytest.approx(expected, rel=0.02)
 
 
-@pytest.mark.parametrize("n,d", [(50, 8), (30, 40)])  # full rank, and fewer samples than dims
-def test_frechet_distance_equals_pytorch_fid(n, d):
+def _pytorch_fid(*stats: np.ndarray) -> float:
+    """pytorch-fid's own ``calculate_frechet_distance`` (``sqrtm``, its ``eps`` retry)."""
+    import warnings
+
     from pytorch_fid.fid_score import calculate_frechet_distance
 
-    rng = np.random.default_rng(n)
-    x, y = rng.standard_normal((n, d)), 0.5 + 1.3 * rng.standard_normal((n + 7, d))
+    with warnings.catch_warnings():  # scipy's deprecated ``disp``; "Matrix is singular"
+        warnings.simplefilter("ignore")
+        return float(calculate_frechet_distance(*stats))
+
+
+def _inception_like(rng: np.random.Generator, n: int, d: int, shift: float) -> np.ndarray:
+    """Non-negative, correlated features like Inception pool3's: a rank-64 part plus noise."""
+    z = rng.standard_normal((n, 64)) @ rng.standard_normal((64, d)) * 0.1
+    return np.abs(z + 0.05 * rng.standard_normal((n, d)) + shift)
+
+
+def _assert_equals_pytorch_fid(x: np.ndarray, y: np.ndarray) -> None:
     stats = (*feature_statistics(x), *feature_statistics(y))
-    assert frechet_distance(*stats) == pytest.approx(calculate_frechet_distance(*stats),
-                                                     rel=1e-6, abs=1e-8)
+    fd = frechet_distance(*stats)
+    assert fd > 0 and fd == pytest.approx(_pytorch_fid(*stats), rel=1e-6)
+    assert frechet_distance(*stats[:2], *stats[:2]) == pytest.approx(0, abs=1e-6 * fd)
+
+
+# (n, d): full rank; fewer samples than dimensions (singular covariances, as a few hundred
+# samples of 2048-d Inception features); and constant ("dead") features in both sets
+@pytest.mark.parametrize("n,d,dead", [(50, 8, 0), (5, 8, 0), (600, 256, 0), (100, 256, 0),
+                                      (40, 64, 8)])
+def test_frechet_distance_equals_pytorch_fid(n, d, dead):
+    rng = np.random.default_rng(n + d)
+    x, y = _inception_like(rng, n, d, 0.2), _inception_like(rng, n + 7, d, 0.25)
+    x[:, :dead], y[:, :dead] = 0.0, 0.0
+    _assert_equals_pytorch_fid(x, y)
+    with pytest.raises(ValueError, match="different --dims"):
+        frechet_distance(x.mean(0)[:2], np.eye(2), y.mean(0), np.eye(d))
+
+
+@pytest.mark.slow  # pytorch-fid's sqrtm of a 2048 x 2048 product: ~20 s each on one core
+@pytest.mark.parametrize("n", [300, 2500])  # singular and full-rank covariances
+def test_frechet_distance_equals_pytorch_fid_at_inception_size(n):
+    rng = np.random.default_rng(n)
+    _assert_equals_pytorch_fid(_inception_like(rng, n, 2048, 0.2),
+                               _inception_like(rng, n + 17, 2048, 0.25))
+
+
+def test_frechet_distance_needs_no_eps_where_pytorch_fid_does(capsys):
+    """Rank-one covariances: pytorch-fid's ``sqrtm`` is not finite, so it adds 1e-6 to both
+    diagonals and is off by ~5e-6 relative; ours is the closed form without any offset."""
+    x = np.array([[1.0, 1, 0, 1, 1], [1, 0, 1, 0, 1]])
+    y = np.array([[1.0, 1, 1, 2, 2], [1, 0, 1, 0, 1]])
+    u, v = (x[0] - x[1]) / np.sqrt(2), (y[0] - y[1]) / np.sqrt(2)  # S1 = u u^T, S2 = v v^T
+    exact = ((x.mean(0) - y.mean(0)) ** 2).sum() + u @ u + v @ v - 2 * abs(u @ v)
+    stats = (*feature_statistics(x), *feature_statistics(y))
+    assert frechet_distance(*stats) == pytest.approx(exact, rel=1e-12)
+    theirs = _pytorch_fid(*stats)
+    assert "adding 1e-06 to diagonal" in capsys.readouterr().out  # its eps branch ran
+    assert theirs == pytest.approx(exact, rel=2e-5) and theirs != pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 5])

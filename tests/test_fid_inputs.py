@@ -75,6 +75,16 @@ def test_corrupt_reference_statistics(tmp_path, no_weights, content):
     assert str(ref) in msg
 
 
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_corrupt_protocol_sidecar(tmp_path, no_weights, content):
+    ref = _stats(tmp_path / "ref.npz")
+    (tmp_path / "ref.protocol.json").write_text(content)
+    samples = _folder(tmp_path / "s", [16, 16])
+    msg = _one_line_error(["score", "--ref", str(ref), "--samples", str(samples),
+                           "--no-download", "--device", "cpu"])
+    assert str(tmp_path / "ref.protocol.json") in msg
+
+
 def test_corrupt_features_sidecar(tmp_path):
     ref = _stats(tmp_path / "ref.npz")
     (tmp_path / "ref.features.npy").write_bytes(b"\x93NUMPY broken")

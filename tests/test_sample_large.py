@@ -275,9 +275,8 @@ def test_layout_run_writes_png_tiff_and_metadata(text_ckpt, tmp_path):
 
 
 @pytest.mark.slow  # Inception on 16 images: the default run's time budget is nearly full
-@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 8 samples of 64-d features
 def test_crop_fid_prefers_crops_of_the_same_tissue(tmp_path):
-    """Crop-FID (fid.py's Frechet distance on Inception features, random weights here)."""
+    """Crop-FID (the Fréchet distance of metrics.py on Inception features, random weights)."""
     from slide_factory import tissue_image
     from test_fid import random_fid_inception_state_dict
 

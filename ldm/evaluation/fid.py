@@ -1,4 +1,7 @@
-"""FID and KID with pytorch-fid's InceptionV3: weights, features, statistics, distances."""
+"""FID with pytorch-fid's InceptionV3: weights, features and pytorch-fid's statistics files.
+
+The formulas (statistics, Fréchet distance, KID) live in :mod:`ldm.evaluation.metrics`.
+"""
 from __future__ import annotations
 
 import logging
@@ -8,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,53 +138,13 @@ def extract_features(model: torch.nn.Module, dataset: Dataset, batch_size: int =
     return np.concatenate(chunks, axis=0)
 
 
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of features, as pytorch-fid computes them."""
-    if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"need at least 2 feature vectors (N, D), got shape {features.shape}")
-    return np.mean(features, axis=0), np.cov(features, rowvar=False)
+def inception_protocol(model: torch.nn.Module, dims: int, center_crop: int | None,
+                       resize: int | None) -> dict[str, Any]:
+    """What must agree between reference statistics and a scoring (``evaluate.py``'s keys)."""
+    from ldm.evaluation.features import state_dict_hash
 
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, eps: float = 1e-6) -> float:
-    """Fréchet distance between two Gaussians, computed exactly as pytorch-fid does.
-
-    ``||mu1 - mu2||² + Tr(S1 + S2 - 2 sqrt(S1 S2))``; a non-finite matrix square root is
-    retried with ``eps`` added to both diagonals, and a negligible imaginary part is dropped.
-    (pytorch-fid's own function passes an argument SciPy deprecates, hence this copy.)
-    """
-    from scipy import linalg
-
-    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
-    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, "
-                         f"sigma {sigma1.shape} vs {sigma2.shape} (different --dims?)")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        logger.warning("FID: singular covariance product; adding %g to the diagonals", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the "
-                             "covariance square root (too few samples for --dims?)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def kid(features1: np.ndarray, features2: np.ndarray, num_subsets: int = 100,
-        subset_size: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Kernel Inception Distance: mean and std over subsets of the unbiased MMD².
-
-    Polynomial kernel ``k(x, y) = (x·y / d + 1)^3`` (Bińkowski et al. 2018); each subset draws
-    ``m = min(subset_size, n1, n2)`` rows without replacement from each set. The formula has one
-    owner, :func:`ldm.evaluation.metrics.kid` (blocked, so large sets fit in memory).
-    """
-    from ldm.evaluation.metrics import kid as blocked_kid
-
-    return blocked_kid(features1, features2, num_subsets, subset_size, seed)
+    return {"extractor": f"inception:{dims}", "weights_sha256": state_dict_hash(model),
+            "center_crop": center_crop, "resize": resize}
 
 
 def features_path(stats_path: str | Path) -> Path:
@@ -194,13 +158,16 @@ def save_statistics(path: str | Path, mu: np.ndarray, sigma: np.ndarray,
                     features: np.ndarray | None = None) -> Path:
     """Write ``mu``/``sigma`` exactly as pytorch-fid's ``--save-stats`` (atomically).
 
-    Raw features, when given, go to a sidecar ``<name>.features.npy`` for KID.
+    float64, as pytorch-fid's own statistics (its activations array is float64), so either
+    tool reads the other's files. Raw features, when given, go to a sidecar
+    ``<name>.features.npy`` for KID.
     """
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"statistics file must end in .npz (pytorch-fid format): {path}")
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez_compressed(tmp, mu=mu, sigma=sigma)
+    np.savez_compressed(tmp, mu=np.asarray(mu, dtype=np.float64),
+                        sigma=np.asarray(sigma, dtype=np.float64))
     os.replace(tmp, path)
     if features is not None:
         fpath = features_path(path)

@@ -3,7 +3,8 @@
 The seam score compares the mean gradient magnitude across the window borders of joint sampling
 with the mean inside the windows: 1 means the borders are invisible to this measure, above 1
 they show. Crop-FID draws random ``crop``-px crops of large samples and compares them with real
-patches through :mod:`ldm.evaluation.fid`'s Inception features and Frechet distance.
+patches through :mod:`ldm.evaluation.fid`'s Inception features and the Fréchet distance of
+:mod:`ldm.evaluation.metrics`.
 """
 from __future__ import annotations
 
@@ -91,12 +92,8 @@ def crop_fid(images: Sequence[np.ndarray], real: Dataset, n_crops: int = 1000,
              inception_weights: str | Path | None = None, batch_size: int = 50,
              device: str | torch.device = "cpu") -> dict[str, Any]:
     """Crop-FID of large ``images`` against ``real`` patches (a [0, 1] tensor dataset)."""
-    from ldm.evaluation.fid import (
-        extract_features,
-        feature_statistics,
-        frechet_distance,
-        load_inception,
-    )
+    from ldm.evaluation.fid import extract_features, load_inception
+    from ldm.evaluation.metrics import feature_statistics, frechet_distance
 
     model = load_inception(dims, weights=inception_weights).to(device)
     crops = ArrayImages(random_crops(images, n_crops, crop, seed))

@@ -4,7 +4,8 @@ A feature file ``features_<extractor>.npz`` holds ``features`` (N, D), ``names``
 optionally ``text_features`` and ``captions`` (CLIP-like extractors), ``levels`` (N, 2) and a
 ``meta`` JSON string: the extractor's provenance (spec, weight hash, preprocessing), the image
 protocol (centre crop, resize, n, seed), the image set (path, kind, content hash, formats).
-Comparing features whose protocol differs is an error (:func:`check_protocol`).
+Comparing features whose protocol differs is an error (:func:`check_protocol`). ``fid.py``'s
+reference statistics carry the same record in a sidecar ``<name>.protocol.json``.
 """
 from __future__ import annotations
 
@@ -103,6 +104,46 @@ def stats_protocol_path(stats_path: str | Path) -> Path:
     stats_path = Path(stats_path)
     stem = stats_path.name[:-4] if stats_path.name.endswith(".npz") else stats_path.name
     return stats_path.with_name(f"{stem}.protocol.json")
+
+
+def stats_protocol(requested: dict[str, Any], images: Path, n_requested: int | None, seed: int,
+                   n: int) -> dict[str, Any]:
+    """The provenance of reference statistics: protocol, image set and its hash, versions."""
+    from ldm.evaluation.images import is_store, list_image_files
+
+    files = [images] if is_store(images) else list_image_files(images)
+    return {**requested, "n_requested": n_requested, "seed": seed,
+            "images": {"path": str(images.resolve()), "n": n, "sha256": files_sha256(files)},
+            "packages": package_versions()}
+
+
+def write_stats_protocol(stats_path: str | Path, record: dict[str, Any]) -> Path:
+    """Write the protocol sidecar of a statistics ``.npz`` atomically."""
+    from ldm.evaluation.images import write_json
+
+    path = stats_protocol_path(stats_path)
+    write_json(record, path)
+    return path
+
+
+def read_stats_protocol(stats_path: str | Path,
+                        requested: dict[str, Any]) -> dict[str, Any] | None:
+    """The protocol sidecar of ``stats_path`` after checking it against ``requested``.
+
+    ``None`` when there is none (statistics written by pytorch-fid, or before the sidecar
+    existed); :class:`ProtocolMismatch` when it records another protocol.
+    """
+    sidecar = stats_protocol_path(stats_path)
+    if not sidecar.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{sidecar}: not a readable protocol file (JSON): {e}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{sidecar}: expected a JSON object, got {type(record).__name__}")
+    check_protocol(record, requested, stats_path)
+    return record
 
 
 def files_sha256(files: list[Path]) -> str:
