@@ -156,3 +156,58 @@ def test_latent_diffusion_with_a_conditioner(tiny_clip_dir):
     assert not any(n.startswith("cond_stage_model.embedders.1.") for n in trained)
     loss = model.shared_step({**batch, "image": torch.rand(2, 16, 16, 3)})[0]
     assert np.isfinite(float(loss.detach()))
+
+
+def _f3(**overrides):
+    from conftest import load_fixture
+
+    from ldm.util import instantiate_from_config
+
+    fx = load_fixture("F3F4_ldm_schedule_loss_ddim_s0")
+    cfg = {**fx["config"], "params": {**fx["config"]["params"], **overrides}}
+    return fx, instantiate_from_config(cfg)
+
+
+def test_a_single_embedder_is_a_one_entry_view_not_a_second_module():
+    import copy
+
+    from ldm.modules.encoders.conditioner import SingleEmbedderView
+
+    fx, model = _f3()
+    model.load_state_dict(fx["state_dict"], strict=True)
+    view = model.conditioner
+    assert isinstance(view, SingleEmbedderView) and not isinstance(view, torch.nn.Module)
+    assert list(view) == [model.cond_stage_model] and view.input_keys == ["class_label"]
+    assert (view.embedders["0"].kind, view.embedders["0"].ucg_rate) == ("crossattn", 0.0)
+    assert list(model.state_dict()) == list(fx["state_dict"])  # no key under a second name
+    assert sum(m is model.cond_stage_model for m in model.modules()) == 1
+    assert model.cond_stage_trainable and view.is_trainable  # the fixture trains its classes
+    labels = torch.tensor([0, 3])
+    c = model.get_learned_conditioning(labels)  # the field's value, CompVis' call
+    assert torch.equal(c, model.cond_stage_model(labels))
+    assert torch.equal(c, model.get_learned_conditioning({"class_label": labels}))
+    uc = model.get_unconditional_conditioning(2)
+    assert torch.equal(model.get_conditioning({"class_label": labels},
+                                              uncond_keys=["class_label"]), uc)
+    twin = copy.deepcopy(model)  # the copy's view sees the copy's embedder
+    assert list(twin.conditioner) == [twin.cond_stage_model]
+    assert {k: _f3(conditioning_key=k)[1].conditioner.embedders["0"].kind
+            for k in ("adm", "concat")} == {"adm": "vector", "concat": "concat"}
+
+
+def test_single_embedder_options_reach_the_view():
+    _, model = _f3(cond_stage_forward="forward", cond_stage_trainable=False)
+    assert not model.conditioner.is_trainable
+    assert not any(p.requires_grad for p in model.cond_stage_model.parameters())
+    labels = torch.tensor([1, 2])
+    assert torch.equal(model.get_learned_conditioning(labels), model.cond_stage_model(labels))
+    with pytest.raises(AttributeError, match="no method 'embed_labels'"):
+        _f3(cond_stage_forward="embed_labels")
+    # the first stage as conditioning reads the image field channels first, as CompVis
+    _, first = _f3(cond_stage_config="__is_first_stage__", cond_stage_key="image",
+                   cond_stage_trainable=False)
+    image = torch.rand(2, 8, 8, 3) * 2 - 1
+    assert first.conditioning_fields() == ["image"]
+    with torch.no_grad():
+        expected = first.first_stage_model.encode(image.permute(0, 3, 1, 2).contiguous())
+        assert torch.equal(first.get_conditioning({"image": image}), expected)

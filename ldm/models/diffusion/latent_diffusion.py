@@ -15,10 +15,14 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import DDPM
 from ldm.models.diffusion.distributed import global_std
 from ldm.models.first_stage import FirstStage
-from ldm.modules.encoders.conditioner import Conditioner, set_trainable
+from ldm.modules.encoders.conditioner import Conditioner, ConditionerMixin, SingleEmbedderView
 from ldm.util import instantiate_from_config
 
 logger = logging.getLogger(__name__)
+
+# the Conditioner kind of a single embedder, by conditioning_key (apply_model routes a bare
+# conditioning to c_concat for "concat", else to c_crossattn, which "adm" reads as y)
+SINGLE_EMBEDDER_KIND = {"concat": "concat", "adm": "vector"}
 
 
 def _fp32(device: torch.device):
@@ -77,9 +81,9 @@ class LatentDiffusion(DDPM):
             self.register_buffer("scale_factor", torch.tensor(scale_factor))
         self._scale_factor_ready = not scale_by_std
         self.register_load_state_dict_pre_hook(_mark_scale_factor_restored)
+        self.cond_stage_forward = cond_stage_forward
         self.instantiate_first_stage(first_stage_config)
         self.instantiate_cond_stage(cond_stage_config)
-        self.cond_stage_forward = cond_stage_forward
         self.clip_denoised = False
         self.restarted_from_ckpt = False
         if ckpt_path is not None:
@@ -114,27 +118,49 @@ class LatentDiffusion(DDPM):
         """Build the conditioning encoder (frozen unless ``cond_stage_trainable``).
 
         A :class:`~ldm.modules.encoders.conditioner.Conditioner` decides per embedder
-        (``is_trainable``); ``cond_stage_trainable`` then follows its embedders.
+        (``is_trainable``); ``cond_stage_trainable`` then follows its embedders. A single
+        embedder is seen through a one-entry view (:attr:`conditioner`) reading
+        ``cond_stage_key``, without dropout (the data's ``p_uncond`` drops captions).
         """
+        self._single_embedder: SingleEmbedderView | None = None
         if config in ("__is_first_stage__", "__is_unconditional__"):
             if self.cond_stage_trainable:
                 raise ValueError(f"cond_stage_trainable cannot be used with {config!r}")
-            if config == "__is_first_stage__":
-                logger.info("using the first stage also as the conditioning stage")
-                self.cond_stage_model = self.first_stage_model
-            else:
+            if config == "__is_unconditional__":
                 logger.info("training %s as an unconditional model", type(self).__name__)
                 self.cond_stage_model = None
-            return
-        stage = instantiate_from_config(config)
+                return
+            logger.info("using the first stage also as the conditioning stage")
+            stage = self.first_stage_model
+        else:
+            stage = instantiate_from_config(config)
         if isinstance(stage, Conditioner):
             if self.cond_stage_trainable:
                 raise ValueError("with a Conditioner set is_trainable on its embedders, not "
                                  "cond_stage_trainable")
-            self.cond_stage_trainable = stage.is_trainable
         else:
-            set_trainable(stage, self.cond_stage_trainable)
+            self._single_embedder = SingleEmbedderView(
+                stage, self._single_input_key(stage),
+                SINGLE_EMBEDDER_KIND.get(self.model.conditioning_key, "crossattn"),
+                is_trainable=self.cond_stage_trainable, method=self.cond_stage_forward)
         self.cond_stage_model = stage
+        self.cond_stage_trainable = self.conditioner.is_trainable
+
+    def _single_input_key(self, stage: nn.Module) -> str:
+        """The batch field a single embedder reads: ``cond_stage_key``, or for class labels the
+        class embedder's own ``key`` (CompVis handed it the batch to look its key up)."""
+        own = getattr(stage, "key", None)
+        if self.cond_stage_key == "class_label" and isinstance(own, str):
+            return own
+        return self.cond_stage_key
+
+    @property
+    def conditioner(self) -> ConditionerMixin | None:
+        """The conditioning stage as a Conditioner (a single embedder: a one-entry view of
+        ``cond_stage_model``); None if the model is unconditional."""
+        if self._single_embedder is not None:
+            return self._single_embedder
+        return self.cond_stage_model
 
     def train(self, mode: bool = True) -> LatentDiffusion:
         """Switch train/eval mode while the frozen stages stay in eval mode."""
@@ -202,81 +228,68 @@ class LatentDiffusion(DDPM):
         LongTensor, "summary": [...]}``, see :mod:`ldm.data.captions`); None if unconditional.
 
         Each embedder reads its own field. Guidance dropout applies in training mode only.
-        ``uncond_keys`` (a Conditioner's input keys) get their unconditional embedding, for
-        guidance on one conditioning at a time.
+        ``uncond_keys`` (input keys) get their unconditional embedding, for guidance on one
+        conditioning at a time.
         """
-        if self.cond_stage_model is None:
+        if self.conditioner is None:
             return None
-        if isinstance(self.cond_stage_model, Conditioner):
-            return self.cond_stage_model(batch, ucg=self.training, uncond_keys=uncond_keys)
-        if uncond_keys:
-            raise ValueError(f"uncond_keys {list(uncond_keys)} need a Conditioner; this model "
-                             f"has one {type(self.cond_stage_model).__name__}")
-        key = self.cond_stage_key
-        x = DDPM.get_input(self, batch, key).to(self.device) if key == self.first_stage_key \
-            else None
-        return self.get_learned_conditioning(self._raw_cond(batch, key, x))
+        return self.conditioner(self._cond_input(batch), ucg=self.training,
+                                uncond_keys=uncond_keys)
 
     def conditioning_fields(self) -> list[str]:
         """The batch fields :meth:`get_conditioning` reads (empty: unconditional)."""
-        stage = self.cond_stage_model
-        if stage is None:
+        if self.conditioner is None:
             return []
-        if isinstance(stage, Conditioner):
-            return list(dict.fromkeys(stage.input_keys))
-        return [self.cond_stage_key]
+        return list(dict.fromkeys(self.conditioner.input_keys))
 
     def supports_guidance(self) -> bool:
         """Whether the model has an unconditional input for classifier-free guidance."""
-        stage = self.cond_stage_model
-        if isinstance(stage, Conditioner):
-            return all(callable(getattr(e, "unconditional_input", None)) for e in stage)
-        return callable(getattr(stage, "unconditional_input", None))
+        return self.conditioner is not None and all(
+            callable(getattr(e, "unconditional_input", None)) for e in self.conditioner)
 
     def get_learned_conditioning(self, c: Any) -> Any:
-        """Encode raw conditioning (captions, class-label batch, images) with the cond stage.
+        """Encode raw conditioning with the cond stage (guidance dropout in training mode).
 
-        With a Conditioner ``c`` is a batch-like dict (guidance dropout in training mode).
+        ``c`` is a batch-like dict of the fields the model reads (:meth:`conditioning_fields`),
+        or, for a model reading one field, that field's value (captions, class labels, images:
+        CompVis' call). A single embedder gives its own output (a tensor), a Conditioner a dict.
         """
-        if self.cond_stage_model is None:
+        if self.conditioner is None:
             raise RuntimeError("this model is unconditional (no cond_stage_model)")
-        if isinstance(self.cond_stage_model, Conditioner):
-            return self.cond_stage_model(c, ucg=self.training)
-        if self.cond_stage_forward is not None:
-            if not hasattr(self.cond_stage_model, self.cond_stage_forward):
-                raise AttributeError(f"cond_stage_model has no method {self.cond_stage_forward!r}")
-            return getattr(self.cond_stage_model, self.cond_stage_forward)(c)
-        if callable(getattr(self.cond_stage_model, "encode", None)):
-            c = self.cond_stage_model.encode(c)
-            if not torch.is_tensor(c) and callable(getattr(c, "mode", None)):
-                c = c.mode()  # a DiagonalGaussianDistribution
-            return c
-        return self.cond_stage_model(c)
+        if not isinstance(c, Mapping):
+            fields = self.conditioning_fields()
+            if len(fields) != 1:
+                raise TypeError(f"the model reads the fields {fields}: give a batch-like dict, "
+                                f"not a {type(c).__name__}")
+            c = {fields[0]: c}
+        return self.conditioner(c, ucg=self.training)
 
     def get_unconditional_conditioning(self, batch_size: int) -> Any:
         """Conditioning of the classifier-free-guidance unconditional branch."""
-        if isinstance(self.cond_stage_model, Conditioner):
-            return self.cond_stage_model.unconditional(batch_size)
-        uncond = getattr(self.cond_stage_model, "unconditional_input", None)
-        if uncond is None:
-            raise AttributeError(f"{type(self.cond_stage_model).__name__} has no "
-                                 "unconditional_input(batch_size) for classifier-free guidance")
-        return self.get_learned_conditioning(uncond(batch_size))
+        if self.conditioner is None:
+            raise RuntimeError("this model is unconditional (no cond_stage_model)")
+        return self.conditioner.unconditional(batch_size)
 
-    def _raw_cond(self, batch: Mapping[str, Any], cond_key: str, x: torch.Tensor | None) -> Any:
-        if isinstance(self.cond_stage_model, Conditioner):
-            return batch  # each embedder reads its own field
-        if cond_key == self.first_stage_key:
-            return x
-        if cond_key in ("class_label", "hybrid"):
-            return batch  # the class embedder picks its key from the batch, as CompVis
-        if cond_key not in batch:
-            raise KeyError(f"batch has no conditioning key {cond_key!r} (keys: {sorted(batch)})")
-        value = batch[cond_key]
-        if torch.is_tensor(value):
-            return (DDPM.get_input(self, batch, cond_key) if value.ndim >= 3 else value
-                    ).to(self.device)
-        return value
+    def _cond_input(self, batch: Mapping[str, Any], cond_key: str | None = None
+                    ) -> dict[str, Any]:
+        """The fields the model reads, tensors on its device, images (``ndim >= 3``) channels
+        first as :meth:`DDPM.get_input` gives them. ``cond_key``: a field read in place of a
+        one-field model's own (CompVis ``get_input(cond_key=...)``)."""
+        fields = self.conditioning_fields()
+        source = {f: cond_key or f for f in fields}
+        if cond_key is not None and len(fields) != 1:
+            raise ValueError(f"cond_key {cond_key!r} needs a model reading one field, not "
+                             f"{fields}")
+        out = {}
+        for field, key in source.items():
+            if key not in batch:
+                raise KeyError(f"batch has no conditioning key {key!r} (keys: {sorted(batch)})")
+            value = batch[key]
+            if torch.is_tensor(value):
+                value = (DDPM.get_input(self, batch, key) if value.ndim >= 3 else value
+                         ).to(self.device)
+            out[field] = value
+        return out
 
     @torch.no_grad()
     def _first_stage_input(self, batch: Mapping[str, Any], k: str, bs: int | None = None
@@ -307,7 +320,7 @@ class LatentDiffusion(DDPM):
         x, z = self._first_stage_input(batch, k, bs)
         c = xc = None
         if self.model.conditioning_key is not None:
-            xc = _slice_cond(self._raw_cond(batch, cond_key or self.cond_stage_key, x), bs)
+            xc = _slice_cond(self._cond_input(batch, cond_key), bs)
             c = xc
             if not self.cond_stage_trainable or force_c_encode:
                 c = self.get_learned_conditioning(xc)
@@ -428,12 +441,11 @@ class LatentDiffusion(DDPM):
         ``diffusion_row``/``denoise_row`` grids, and ``captions`` (list of str) for text
         conditioning.
         """
-        z, c, x, xrec, xc = self.get_input(batch, self.first_stage_key,
-                                           return_first_stage_outputs=True, force_c_encode=True,
-                                           return_original_cond=True, bs=N)
+        z, c, x, xrec = self.get_input(batch, self.first_stage_key,
+                                       return_first_stage_outputs=True, force_c_encode=True, bs=N)
         N, n_row = min(z.shape[0], N), min(z.shape[0], n_row)
         log: dict[str, Any] = {"inputs": x.clamp(-1, 1), "reconstruction": xrec.clamp(-1, 1)}
-        texts = xc.get("caption") if isinstance(xc, Mapping) else xc
+        texts = _slice_cond(batch.get("caption"), N)
         if isinstance(texts, (list, tuple)) and all(isinstance(s, str) for s in texts):
             log["captions"] = list(texts)
         if plot_diffusion_rows:

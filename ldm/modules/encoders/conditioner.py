@@ -33,8 +33,9 @@ An overlay or a ``key=value`` override reaches an embedder by name
 embedders are named ``0``, ``1``, ... (sgm's ``emb_models`` layout). State-dict keys are
 ``cond_stage_model.embedders.<name>.*``.
 
-A single embedder given directly as ``cond_stage_config`` (every CompVis/PathLDM config) does not
-go through this module: its state-dict keys stay ``cond_stage_model.*``.
+A single embedder given directly as ``cond_stage_config`` (every CompVis/PathLDM config) is seen
+through a :class:`SingleEmbedderView`: the same conditioning code, while the embedder stays the
+model's ``cond_stage_model`` (state-dict keys ``cond_stage_model.*``).
 """
 from __future__ import annotations
 
@@ -51,13 +52,21 @@ KINDS = ("crossattn", "vector", "concat")
 # where each kind goes in the DiffusionWrapper's keyword arguments
 UNET_KEYS = {"crossattn": "c_crossattn", "vector": "y", "concat": "c_concat"}
 VECTOR_COMBINES = ("sum", "concat")
-SPEC_KEYS = ("input_key", "kind", "ucg_rate", "is_trainable", "legacy_til_exemption")
+SPEC_KEYS = ("input_key", "kind", "ucg_rate", "is_trainable", "legacy_til_exemption",
+             "method")
 
 
 def configure_embedder(module: nn.Module, input_key: str, kind: str = "crossattn",
                        ucg_rate: float = 0.0, is_trainable: bool = False,
-                       legacy_til_exemption: bool = False) -> nn.Module:
-    """Give ``module`` the attributes the :class:`Conditioner` reads (checked)."""
+                       legacy_til_exemption: bool = False, method: str | None = None
+                       ) -> nn.Module:
+    """Give ``module`` the attributes the :class:`Conditioner` reads (checked).
+
+    ``method`` names the method that encodes (CompVis ``cond_stage_forward``); by default
+    ``encode`` where the module has one, else its forward.
+    """
+    if method is not None and not callable(getattr(module, method, None)):
+        raise AttributeError(f"{type(module).__name__} has no method {method!r} to encode with")
     if kind not in KINDS:
         raise ValueError(f"embedder kind must be one of {KINDS}, got {kind!r}")
     if not 0.0 <= float(ucg_rate) <= 1.0:
@@ -68,6 +77,7 @@ def configure_embedder(module: nn.Module, input_key: str, kind: str = "crossattn
     module.input_key, module.kind = str(input_key), kind
     module.ucg_rate, module.is_trainable = float(ucg_rate), bool(is_trainable)
     module.legacy_til_exemption = bool(legacy_til_exemption)
+    module.encode_method = method
     return set_trainable(module, is_trainable)
 
 
@@ -113,45 +123,24 @@ def _batch_size(value: Any) -> int:
 
 
 def _encode(embedder: nn.Module, value: Any) -> torch.Tensor:
-    """The embedder's output (``encode`` where it has one, as LatentDiffusion's cond stage)."""
-    fn = embedder.encode if callable(getattr(embedder, "encode", None)) else embedder
+    """The embedder's output: its ``encode_method``, else ``encode`` where it has one, else its
+    forward (CompVis' cond stage)."""
+    if embedder.encode_method is not None:
+        fn = getattr(embedder, embedder.encode_method)
+    else:
+        fn = embedder.encode if callable(getattr(embedder, "encode", None)) else embedder
     out = fn(value)
     if not torch.is_tensor(out) and callable(getattr(out, "mode", None)):
         out = out.mode()  # a DiagonalGaussianDistribution
     return out
 
 
-class Conditioner(nn.Module):
-    """Embedders combined into the DiffusionWrapper's ``c_crossattn`` / ``y`` / ``c_concat``.
+class ConditionerMixin:
+    """What a conditioner does with its ``embedders`` (a name-to-embedder mapping): dropout,
+    encoding, unconditional inputs, combining the outputs by kind."""
 
-    Args:
-        embedders: ``{target, params, input_key, kind, ucg_rate, is_trainable,
-            legacy_til_exemption}`` per embedder (module docstring). ``legacy_til_exemption``
-            (text embedders reading training captions): never drop a caption whose TIL level
-            is high, as the original PathLDM dataset did.
-        vector_combine: ``sum`` (vectors of equal width) or ``concat`` (along the features).
-    """
-
-    def __init__(self, embedders: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
-                 vector_combine: str = "sum") -> None:
-        super().__init__()
-        if not embedders:
-            raise ValueError("Conditioner needs at least one embedder")
-        if vector_combine not in VECTOR_COMBINES:
-            raise ValueError(f"vector_combine must be one of {VECTOR_COMBINES}, "
-                             f"got {vector_combine!r}")
-        self.vector_combine = vector_combine
-        named = (embedders.items() if isinstance(embedders, Mapping)
-                 else ((str(i), cfg) for i, cfg in enumerate(embedders)))
-        modules = {}
-        for name, cfg in named:
-            if "input_key" not in cfg:
-                raise KeyError(f"Conditioner embedder {name} ({cfg.get('target')}) has no "
-                               "input_key")
-            spec = {k: cfg[k] for k in SPEC_KEYS if k in cfg}
-            module = instantiate_from_config({k: v for k, v in cfg.items() if k not in spec})
-            modules[str(name)] = configure_embedder(module, **spec)
-        self.embedders = nn.ModuleDict(modules)
+    embedders: Mapping[str, nn.Module]
+    vector_combine: str = "sum"
 
     def __iter__(self):
         """The embedders, in config order."""
@@ -166,14 +155,6 @@ class Conditioner(nn.Module):
     def is_trainable(self) -> bool:
         """Whether any embedder trains."""
         return any(e.is_trainable for e in self)
-
-    def train(self, mode: bool = True) -> Conditioner:
-        """Frozen embedders stay in eval mode."""
-        super().train(mode)
-        for e in self:
-            if not e.is_trainable:
-                e.eval()
-        return self
 
     def _value(self, embedder: nn.Module, batch: Mapping[str, Any]) -> Any:
         if embedder.input_key not in batch:
@@ -201,14 +182,12 @@ class Conditioner(nn.Module):
             if mask.any():
                 value = replace_where(value, unconditional_value(embedder, len(mask)), mask)
         with torch.set_grad_enabled(embedder.is_trainable and torch.is_grad_enabled()):
-            out = _encode(embedder, value)
-        if embedder.kind == "vector":
-            out = out.reshape(out.shape[0], -1)
-        return out
+            return _encode(embedder, value)
 
     def forward(self, batch: Mapping[str, Any], ucg: bool = False,
-                uncond_keys: Collection[str] = ()) -> dict[str, Any]:
-        """``{"c_crossattn": [tokens], "y": vector, "c_concat": [channels]}`` (kinds present).
+                uncond_keys: Collection[str] = ()) -> Any:
+        """``{"c_crossattn": [tokens], "y": vector, "c_concat": [channels]}`` (kinds present;
+        a :class:`SingleEmbedderView` gives its embedder's output as it is).
 
         ``ucg``: apply each embedder's guidance dropout (training); ``uncond_keys``: input keys
         whose embedders give their unconditional output (partial guidance).
@@ -229,7 +208,7 @@ class Conditioner(nn.Module):
         if "concat" in outs:
             cond["c_concat"] = [torch.cat(outs["concat"], dim=1)]
         if "vector" in outs:
-            vectors = outs["vector"]
+            vectors = [v.reshape(v.shape[0], -1) for v in outs["vector"]]
             if self.vector_combine == "concat":
                 cond["y"] = torch.cat(vectors, dim=-1)
             else:
@@ -240,7 +219,73 @@ class Conditioner(nn.Module):
                 cond["y"] = torch.stack(vectors).sum(0)
         return cond
 
-    def unconditional(self, batch_size: int) -> dict[str, Any]:
+    def unconditional(self, batch_size: int) -> Any:
         """The fully unconditional output for ``batch_size`` samples."""
         batch = {e.input_key: unconditional_value(e, batch_size) for e in self}
         return self(batch)
+
+
+class Conditioner(ConditionerMixin, nn.Module):
+    """Embedders combined into the DiffusionWrapper's ``c_crossattn`` / ``y`` / ``c_concat``.
+
+    Args:
+        embedders: ``{target, params, input_key, kind, ucg_rate, is_trainable,
+            legacy_til_exemption, method}`` per embedder (module docstring).
+            ``legacy_til_exemption`` (text embedders reading training captions): never drop a
+            caption whose TIL level is high, as the original PathLDM dataset did.
+        vector_combine: ``sum`` (vectors of equal width) or ``concat`` (along the features).
+    """
+
+    def __init__(self, embedders: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]],
+                 vector_combine: str = "sum") -> None:
+        super().__init__()
+        if not embedders:
+            raise ValueError("Conditioner needs at least one embedder")
+        if vector_combine not in VECTOR_COMBINES:
+            raise ValueError(f"vector_combine must be one of {VECTOR_COMBINES}, "
+                             f"got {vector_combine!r}")
+        self.vector_combine = vector_combine
+        named = (embedders.items() if isinstance(embedders, Mapping)
+                 else ((str(i), cfg) for i, cfg in enumerate(embedders)))
+        modules = {}
+        for name, cfg in named:
+            if "input_key" not in cfg:
+                raise KeyError(f"Conditioner embedder {name} ({cfg.get('target')}) has no "
+                               "input_key")
+            spec = {k: cfg[k] for k in SPEC_KEYS if k in cfg}
+            module = instantiate_from_config({k: v for k, v in cfg.items() if k not in spec})
+            modules[str(name)] = configure_embedder(module, **spec)
+        self.embedders = nn.ModuleDict(modules)
+
+    def train(self, mode: bool = True) -> Conditioner:
+        """Frozen embedders stay in eval mode."""
+        super().train(mode)
+        for e in self:
+            if not e.is_trainable:
+                e.eval()
+        return self
+
+
+class SingleEmbedderView(ConditionerMixin):
+    """One embedder seen as a one-entry :class:`Conditioner` (no guidance dropout: the data's
+    ``p_uncond`` does it), for a model whose ``cond_stage_config`` is that embedder.
+
+    Not a module: the model registers the embedder itself, so its state-dict keys, strict
+    loading, EMA and optimizer groups are those of a plain ``cond_stage_model``. Its output is
+    the embedder's own, not a dict: CompVis' form, which ``LatentDiffusion.apply_model`` routes
+    by ``conditioning_key`` (and ``get_learned_conditioning`` returns).
+    """
+
+    def __init__(self, embedder: nn.Module, input_key: str, kind: str = "crossattn",
+                 is_trainable: bool = False, method: str | None = None) -> None:
+        self.embedders = {"0": configure_embedder(embedder, input_key, kind,
+                                                  is_trainable=is_trainable, method=method)}
+
+    def __call__(self, batch: Mapping[str, Any], ucg: bool = False,
+                 uncond_keys: Collection[str] = ()) -> Any:
+        """The embedder's output for ``batch`` (see :meth:`ConditionerMixin.forward`)."""
+        return self.forward(batch, ucg=ucg, uncond_keys=uncond_keys)
+
+    def _combine(self, outs: Mapping[str, list[torch.Tensor]]) -> Any:
+        ((out,),) = outs.values()
+        return out
