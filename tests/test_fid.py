@@ -109,9 +109,11 @@ def test_fid_matches_pytorch_fid(torch_home, folders, tmp_path, monkeypatch):
         assert sorted(f.files) == ["mu", "sigma"]
         assert f["mu"].dtype == f["sigma"].dtype == g["sigma"].dtype == np.float64
     assert feats.shape == (12, 64)
-    # pytorch-fid reads our npz as its own reference statistics
+    # pytorch-fid reads our npz as its own reference statistics, and we read theirs
     m, s = compute_statistics_of_path(str(ref), None, 8, 64, "cpu")
     assert np.array_equal(m, mu) and np.array_equal(s, sigma)
+    m, s, none = load_statistics(theirs)
+    assert none is None and np.allclose(m, mu, rtol=1e-10) and np.allclose(s, sigma, rtol=1e-10)
     # the same images from a folder reference (features computed on the fly) agree as well
     rows = fid.main(["score", "--ref", str(real), "--samples", str(fake), "--out", str(out),
                      "--kid-subsets", "5", *common])
