@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ldm.atomic import pid_alive
+
 logger = logging.getLogger(__name__)
 
 # Third-party loggers that may echo request details (headers, bodies) at DEBUG level.
@@ -231,16 +233,6 @@ def lock_path_for(target: Path, tag: str = "") -> Path:
     return target.with_name(f"{target.name}.lock{tag}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
 def _holder_pid(fd: int) -> int | None:
     os.lseek(fd, 0, os.SEEK_SET)
     text = os.read(fd, 64).decode("ascii", "replace").strip()
@@ -256,7 +248,7 @@ def _acquire(path: Path, target: str | Path, mode: int) -> int:
         except BlockingIOError:
             pid = _holder_pid(fd)
             os.close(fd)
-            who = f"pid {pid}" if pid and _pid_alive(pid) else "a sharded run"
+            who = f"pid {pid}" if pid and pid_alive(pid) else "a sharded run"
             raise OutputLocked(f"{target} is in use by another run ({who}, lock file {path}); "
                                "wait for it to finish or use another output") from None
         # the previous holder may have removed the file between our open and flock: retry then
@@ -285,7 +277,7 @@ def output_lock(target: str | Path, tag: str = "") -> Iterator[Path]:
         stale = _holder_pid(fd)
         if stale is not None and stale != os.getpid():
             logger.info("%s: taking over the lock of pid %d, which %s", target, stale,
-                        "is still alive but no longer holds it" if _pid_alive(stale)
+                        "is still alive but no longer holds it" if pid_alive(stale)
                         else "is no longer running")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig
 
+from ldm.atomic import remove_stale_tmp, tmp_path
 from ldm.config import ConfigError
 from ldm.config import load_config as _load_config
 
@@ -420,7 +421,8 @@ def run_seed(explicit: int | None, saved: int | None) -> int:
 
 # ----------------------------------------------------------------------------- checkpoint files
 def atomic_checkpoint_io() -> Any:
-    """Lightning checkpoint IO that writes ``.NAME.PID.tmp`` next to the target, then renames it.
+    """Lightning checkpoint IO that writes ``.NAME.PID.tmp`` next to the target, then renames it
+    (:mod:`ldm.atomic`; a killed run's temporary is removed at the next save).
 
     Lightning's own IO stages the file in the system temporary directory and moves it into place,
     which is a copy (not atomic) when the run directory is on another filesystem; a rename within
@@ -435,7 +437,8 @@ def atomic_checkpoint_io() -> Any:
                 return super().save_checkpoint(checkpoint, path, storage_options)
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            remove_stale_tmp([path])
+            tmp = tmp_path(path)
             try:
                 torch.save(checkpoint, tmp)
                 os.replace(tmp, path)

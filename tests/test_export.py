@@ -58,8 +58,12 @@ def text_export(tmp_path_factory, tiny_clip_dir):
 @pytest.fixture(scope="module")
 def class_export(tmp_path_factory):
     """A tiny class-conditional model exported with its raw (non-EMA) weights."""
+    from test_atomic import dead_pid
+
     tmp = tmp_path_factory.mktemp("export_class")
     run = _run_dir(tmp, tiny_model_config(None), seed=2)
+    for pid in (dead_pid(), os.getppid()):  # folders of a killed export and of a live one
+        (tmp / f".out.{pid}.tmp" / "unet").mkdir(parents=True)
     load_script("export").main(["--ckpt", str(run), "--out", str(tmp / "out"), "--no-ema"])
     return run, tmp / "out"
 
@@ -249,6 +253,8 @@ def test_class_folder_layout(class_export):
         "scaled_linear", 0.0015, 1)
     assert json.loads((folder / "pathldm_export.json").read_text())["weights"] == "raw"
     assert "class_labels=[2]" in (folder / "README.md").read_text()
+    # the killed export's temporary folder is gone, the live one's is not touched
+    assert [p.name for p in folder.parent.glob(".out.*")] == [f".out.{os.getppid()}.tmp"]
 
 
 def test_export_refuses_and_keeps_existing(class_export, tmp_path):

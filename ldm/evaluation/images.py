@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ldm.atomic import remove_stale_tmp, tmp_path
 from ldm.data.patches import PATCH_SIZE, crop_origin
 from ldm.data.store import (
     IMAGES,
@@ -308,14 +309,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def save_png(image: np.ndarray, path: str | Path, clean_stale: bool = True) -> None:
+    """Write a uint8 ``(H, W, 3)`` image as PNG atomically (temporary file, then rename).
 
-
-def save_png(image: np.ndarray, path: str | Path) -> None:
-    """Write a uint8 ``(H, W, 3)`` image as PNG atomically (temporary file, then rename)."""
+    ``clean_stale``: first remove the target's temporaries left by killed runs (a folder
+    listing: a caller writing many images does it once, :func:`ldm.atomic.remove_stale_tmp`).
+    """
     path = Path(path)
-    tmp = _tmp_path(path)
+    if clean_stale:
+        remove_stale_tmp([path])
+    tmp = tmp_path(path)
     Image.fromarray(image).save(tmp, format="PNG")
     os.replace(tmp, path)
 
@@ -326,9 +329,10 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically."""
+    """Write a text file atomically (removing the temporaries of killed runs first)."""
     path = Path(path)
-    tmp = _tmp_path(path)
+    remove_stale_tmp([path])
+    tmp = tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

@@ -198,9 +198,11 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
     """
     from tqdm import tqdm
 
+    from ldm.atomic import remove_stale_tmp
     from ldm.evaluation.images import save_png
 
     todo = [it for it in items if not Path(it["path"]).exists()]
+    remove_stale_tmp(it["path"] for it in todo)
     if len(todo) < len(items):
         logger.info("%d of %d images exist already; generating %d", len(items) - len(todo),
                     len(items), len(todo))
@@ -214,7 +216,7 @@ def generate_to_folder(model: Any, items: Sequence[dict[str, Any]], batch_size: 
                                   [it["seed"] for it in batch], steps=steps, scale=scale, eta=eta,
                                   callback=callback, guidance=guidance)
             for it, img in zip(batch, images):
-                save_png(img, it["path"])
+                save_png(img, it["path"], clean_stale=False)
             bar.update(len(batch))
     return len(todo)
 

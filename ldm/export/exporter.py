@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from ldm.atomic import remove_stale_tmp, tmp_dir
 from ldm.export import configs, keymap
 from ldm.export.card import CardInfo, render_card
 from ldm.export.folder import CONFIG_FILE, EXPORT_FILE, FORMAT_VERSION
@@ -216,7 +216,7 @@ def _replace_folder(tmp: Path, out: Path) -> None:
     """Move the finished folder into place; an old export is removed only afterwards."""
     umask = os.umask(0)
     os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers create owner-only modes
+    for path in [tmp, *tmp.rglob("*")]:  # some writers create owner-only modes
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     old = None
     if out.exists():
@@ -259,7 +259,8 @@ def export_model(loaded: Any, out: str | Path, opts: ExportOptions | None = None
         parts["class_embedder"] = build_class_embedder(model, sd, groups["class_embedder"])
     max_length = int(model.cond_stage_model.max_length) if kind == "text" else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    remove_stale_tmp([out])  # a killed export's folder
+    tmp = tmp_dir(out)
     try:
         _write_components(tmp, parts, kind)
         index = _model_index(diffusers.__version__, parts["vae"], kind, parts.get("tokenizer"),
