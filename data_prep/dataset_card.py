@@ -8,11 +8,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ldm.data.captions import LEVEL_NAMES, UNCONDITIONAL_CLASS, class_label, prob_to_level
+from ldm.data.captions import (
+    LEVEL_NAMES,
+    UNCONDITIONAL_CLASS,
+    class_label,
+    levels_of_class,
+    prob_to_level,
+)
 from ldm.data.store import read_attrs
 
-CLASS_NAMES = {2 * t + i: f"{LEVEL_NAMES[2][t]} tumor + {LEVEL_NAMES[2][i]} til"
-               for t in range(2) for i in range(2)}
+CLASS_NAMES = {c: "{} tumor + {} til".format(*levels_of_class(c))
+               for c in range(UNCONDITIONAL_CLASS)}
 CLASS_NAMES[UNCONDITIONAL_CLASS] = "a probability unknown: unconditional"
 
 
