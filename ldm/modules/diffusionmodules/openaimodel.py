@@ -261,6 +261,19 @@ def _heads(ch: int, num_heads: int, num_head_channels: int, legacy: bool,
     return num_heads, dim_head
 
 
+def _check_attention_args(use_spatial_transformer: bool, context_dim: int | None,
+                          num_heads: int, num_head_channels: int) -> None:
+    """Refuse attention settings the U-Net cannot build, naming them."""
+    if use_spatial_transformer and context_dim is None:
+        raise ValueError("use_spatial_transformer=True needs context_dim (the width of the "
+                         "cross-attention conditioning)")
+    if context_dim is not None and not use_spatial_transformer:
+        raise ValueError("context_dim is set but use_spatial_transformer=False; "
+                         "cross-attention conditioning needs the spatial transformer")
+    if num_heads == -1 and num_head_channels == -1:
+        raise ValueError("either num_heads or num_head_channels has to be set")
+
+
 class UNetModel(nn.Module):
     """The full U-Net with timestep embedding, attention and optional conditioning.
 
@@ -306,79 +319,71 @@ class UNetModel(nn.Module):
         adm_in_channels: int | None = None,
     ) -> None:
         super().__init__()
-        if use_spatial_transformer and context_dim is None:
-            raise ValueError("use_spatial_transformer=True needs context_dim (the width of the "
-                             "cross-attention conditioning)")
-        if context_dim is not None and not use_spatial_transformer:
-            raise ValueError("context_dim is set but use_spatial_transformer=False; "
-                             "cross-attention conditioning needs the spatial transformer")
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("either num_heads or num_head_channels has to be set")
-        if num_heads_upsample == -1:
-            num_heads_upsample = num_heads
-
-        self.image_size = image_size
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.out_channels = out_channels
-        self.num_res_blocks = num_res_blocks
+        _check_attention_args(use_spatial_transformer, context_dim, num_heads, num_head_channels)
+        self.image_size, self.in_channels = image_size, in_channels
+        self.model_channels, self.out_channels = model_channels, out_channels
+        self.num_res_blocks, self.conv_resample = num_res_blocks, conv_resample
         self.attention_resolutions = list(attention_resolutions)
-        self.dropout = dropout
-        self.channel_mult = list(channel_mult)
-        self.conv_resample = conv_resample
-        self.num_classes = num_classes
-        self.adm_in_channels = adm_in_channels
+        self.dropout, self.channel_mult = dropout, list(channel_mult)
+        self.num_classes, self.adm_in_channels = num_classes, adm_in_channels
         self.use_checkpoint = use_checkpoint
         self.dtype = torch.float16 if use_fp16 else torch.float32
-        self.num_heads = num_heads
-        self.num_head_channels = num_head_channels
-        self.num_heads_upsample = num_heads_upsample
+        self.num_heads, self.num_head_channels = num_heads, num_head_channels
+        self.num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.predict_codebook_ids = n_embed is not None
         self._legacy = legacy
         self._use_spatial_transformer = use_spatial_transformer
-        self._transformer_depth = transformer_depth
-        self._context_dim = context_dim
+        self._transformer_depth, self._context_dim = transformer_depth, context_dim
         self._use_new_attention_order = use_new_attention_order
 
-        time_embed_dim = model_channels * 4
+        # submodules in CompVis' registration order (state-dict keys and their order)
+        block = dict(emb_channels=model_channels * 4, dropout=dropout, dims=dims,
+                     use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+        self._build_embeddings(block["emb_channels"])
+        chans, ds = self._build_input_blocks(block, dims, resblock_updown)
+        self._build_middle_block(block, chans[-1])
+        ch = self._build_output_blocks(block, chans, ds, self.num_heads_upsample, resblock_updown)
+        self._build_out(ch, dims, n_embed)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, strict=strict_load)
+
+    def _build_embeddings(self, time_embed_dim: int) -> None:
+        """Create ``time_embed`` and, for a class-conditional model, ``label_emb``."""
         self.time_embed = nn.Sequential(
-            linear(model_channels, time_embed_dim),
+            linear(self.model_channels, time_embed_dim),
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
-        if num_classes == "sequential":  # a conditioner's vector y (B, adm_in_channels), as sgm
-            if not adm_in_channels:
+        if self.num_classes == "sequential":  # a conditioner's vector y (B, adm_in_channels)
+            if not self.adm_in_channels:
                 raise ValueError("num_classes 'sequential' needs adm_in_channels (the width of y)")
             self.label_emb = nn.Sequential(nn.Sequential(
-                linear(adm_in_channels, time_embed_dim), nn.SiLU(),
+                linear(self.adm_in_channels, time_embed_dim), nn.SiLU(),
                 linear(time_embed_dim, time_embed_dim)))
-        elif num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+        elif self.num_classes is not None:
+            self.label_emb = nn.Embedding(self.num_classes, time_embed_dim)
 
-        block = dict(emb_channels=time_embed_dim, dropout=dropout, dims=dims,
-                     use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
-        chans, ds = self._build_input_blocks(block, dims, resblock_updown)
-        ch = chans[-1]
+    def _build_middle_block(self, block: dict, ch: int) -> None:
+        """Create ``middle_block``: ResBlock, attention, ResBlock at width ``ch``."""
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, **block),
-            self._attention(ch, num_heads, num_head_channels, num_heads),
+            self._attention(ch, self.num_heads, self.num_head_channels, self.num_heads),
             ResBlock(ch, **block),
         )
         self._feature_size += ch
-        ch = self._build_output_blocks(block, chans, ds, num_heads_upsample, resblock_updown)
 
+    def _build_out(self, ch: int, dims: int, n_embed: int | None) -> None:
+        """Create the output head ``out`` (and ``id_predictor`` when predicting codebook ids)."""
         self.out = nn.Sequential(
             normalization(ch),
             nn.SiLU(),
-            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
+            zero_module(conv_nd(dims, self.model_channels, self.out_channels, 3, padding=1)),
         )
         if self.predict_codebook_ids:
             self.id_predictor = nn.Sequential(
                 normalization(ch),
-                conv_nd(dims, model_channels, n_embed, 1),
+                conv_nd(dims, self.model_channels, n_embed, 1),
             )
-        if ckpt_path is not None:
-            self.init_from_ckpt(ckpt_path, ignore_keys=ignore_keys, strict=strict_load)
 
     def _attention(self, ch: int, num_heads: int, num_head_channels: int,
                    block_heads: int) -> nn.Module:
