@@ -40,16 +40,17 @@ def _levels(high_tumor: bool, high_til: bool) -> dict:
     return {"tumor": "high" if high_tumor else "low", "til": "high" if high_til else "low"}
 
 
-def _sample_folder(folder, tiles_by_level: dict) -> None:
-    """A folder in scripts/sample.py's format (PNGs + metadata.json with levels)."""
+def _sample_folder(folder, tiles_by_level: dict, same_seeds: bool = False) -> None:
+    """A folder in scripts/sample.py's format (PNGs + metadata.json with levels); with
+    ``same_seeds`` every combination's j-th image has seed j (as ``--all-levels``)."""
     folder.mkdir()
     images = []
     for (tumor, til), tiles in tiles_by_level.items():
-        for tile in tiles:
+        for j, tile in enumerate(tiles):
             name = f"{len(images):05d}.png"
             Image.fromarray(tile).save(folder / name)
             images.append({"file": name, "prompt": f"{tumor} tumor; {til} til; s",
-                           "tumor": tumor, "til": til, "seed": len(images)})
+                           "tumor": tumor, "til": til, "seed": j if same_seeds else len(images)})
     (folder / "metadata.json").write_text(json.dumps({"images": images, "grid": "grid.png"}))
 
 
@@ -73,6 +74,29 @@ def test_check_passes_when_samples_follow_the_levels_and_fails_otherwise(tmp_pat
     report = check_adherence(store, tmp_path / "bad")
     assert report["tumor"]["ratio"] == 0 and not report["passed"]
     assert format_report(report).endswith("FAIL")
+
+
+def test_same_seed_pairs_isolate_each_level(tmp_path):
+    real = [_tile(PINK), _tile(PINK, True), _tile(PURPLE), _tile(PURPLE, True)]
+    store = write_store(tmp_path / "train.h5", real, [0] * 4, [0.1, 0.2, 0.8, 0.9],
+                        [0.1, 0.9, 0.2, 0.8], ["TCGA-00"], [["s"]])
+    # seed 0 follows both levels; seed 1 ignores the TIL level (dots whatever it says)
+    tiles = {("low", "low"): [real[0], real[1]], ("low", "high"): [real[1], real[1]],
+             ("high", "low"): [real[2], real[3]], ("high", "high"): [real[3], real[3]]}
+    _sample_folder(tmp_path / "s", tiles, same_seeds=True)
+    report = check_adherence(store, tmp_path / "s")
+    stats = {k: hematoxylin_stats(v[0]) for k, v in tiles.items()}
+    til = report["til"]["paired"]
+    assert til["n"] == 4 and til["positive_share"] == 0.5  # two seed-0 pairs move, seed 1 not
+    expected = [stats[(t, "high")][1] - stats[(t, "low")][1] for t in ("low", "high")] + [0, 0]
+    assert til["mean"] == pytest.approx(np.mean(expected))
+    assert til["sem"] == pytest.approx(np.std(expected, ddof=1) / 2)
+    tumor = report["tumor"]["paired"]
+    assert tumor["n"] == 4 and tumor["positive_share"] == 1.0
+    assert "same-seed pairs: 4" in format_report(report)
+    # unique seeds (no pairs): reported as none, and the report still prints
+    _sample_folder(tmp_path / "u", tiles)
+    assert check_adherence(store, tmp_path / "u")["til"]["paired"]["n"] == 0
 
 
 def test_compare_needs_half_the_real_tumor_gap_and_the_til_sign():

@@ -93,6 +93,35 @@ def sample_level_stats(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
     return level_means(stats, {t: [r[t] for r in records] for t in TARGETS})
 
 
+def paired_gaps(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
+    """Per target, high minus low level for images that differ only in that level.
+
+    ``sample.py --all-levels`` gives every combination the same seeds, so an image and its
+    partner (same seed and other level, other target's level equal) differ only by the caption.
+    The mean of these differences, its standard error and the share with the right sign say
+    whether a gap is the captions' doing or sampling noise (given from two pairs on).
+    """
+    stats = {}
+    for r in records:
+        if "seed" in r:
+            stats[(r["seed"], r["tumor"], r["til"])] = hematoxylin_stats(r["pixels"])
+    out = {}
+    for target, (_, col) in TARGETS.items():
+        diffs = []
+        for (seed, tumor, til), high in stats.items():
+            if (tumor if target == "tumor" else til) != "high":
+                continue
+            low = stats.get((seed, "low", til) if target == "tumor" else (seed, tumor, "low"))
+            if low is not None:
+                diffs.append(high[col] - low[col])
+        d = np.asarray(diffs, dtype=np.float64)
+        out[target] = {"n": len(d)}
+        if len(d) > 1:
+            out[target].update(mean=float(d.mean()), sem=float(d.std(ddof=1) / np.sqrt(len(d))),
+                               positive_share=float((d > 0).mean()))
+    return out
+
+
 def compare(real: dict[str, dict], generated: dict[str, dict],
             min_ratio: float = 0.5) -> dict[str, Any]:
     """Gaps (high minus low), their ratio, and pass/fail of the adherence criteria.
@@ -124,6 +153,10 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{t['generated']['low']:.4f} high {t['generated']['high']:.4f} gap "
                      f"{t['generated_gap']:+.4f} | ratio {t['ratio']:.2f} "
                      f"({'pass' if t['passed'] else 'FAIL'})")
+        p = t.get("paired")
+        if p and "mean" in p:
+            lines.append(f"        same-seed pairs: {p['n']}, gap {p['mean']:+.4f} +- "
+                         f"{p['sem']:.4f} (s.e.), higher in {p['positive_share']:.0%}")
     lines.append(f"  criteria: tumor ratio >= {report['min_ratio']}, TIL in the right "
                  f"direction -> {'PASS' if report['passed'] else 'FAIL'}")
     return "\n".join(lines)
@@ -137,6 +170,8 @@ def check_adherence(store: str | Path, samples: str | Path, out_json: str | Path
     records = read_sample_folder(samples)
     size = records[0]["pixels"].shape[0]
     report = compare(store_level_stats(store, crop=size), sample_level_stats(records), min_ratio)
+    for target, paired in paired_gaps(records).items():
+        report[target]["paired"] = paired
     report.update(store=str(store), samples=str(samples), image_size=size,
                   n_generated=len(records))
     if out_json is not None:
