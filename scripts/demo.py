@@ -4,8 +4,11 @@
 Runs, offline and with no pretrained weights:
   1. data preparation of data/demo/ (tiling, tumor/TIL stand-in, summaries, training store);
   2. a tiny random CLIP text tower with the real CLIP tokenizer;
-  3. a tiny VQ-f4 first stage, trained briefly on the demo patches (pixel L1 + codebook loss);
-  4. a tiny text-conditioned LDM (configs/demo/ldm_tiny.yaml) trained with main.py;
+  3. a tiny VQ-f4 first stage, trained briefly on the demo patches (pixel L1 + codebook loss),
+     and the latents of every patch and its flips, encoded once (scripts/cache_latents.py);
+  4. a tiny caption-conditioned LDM trained with main.py on them: configs/demo/ldm_tiny.yaml
+     with the overlay configs/demo/ldm_tiny_levels.yaml (the caption's tumor/TIL levels as a
+     vector, its summary through the text tower into cross-attention);
   5. DDIM samples with classifier-free guidance for the four tumor/TIL captions, made with
      scripts/sample.py --all-levels from the run's last.ckpt (grid.png: one row per caption);
   6. the caption-adherence check (ldm.evaluation.adherence): how far the tumor and TIL levels
@@ -38,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 logger = logging.getLogger("demo")
 LDM_CONFIG = ROOT / "configs" / "demo" / "ldm_tiny.yaml"
+# The levels of the caption as a vector into the U-Net's label_emb, its summary as text into
+# cross-attention (an overlay on LDM_CONFIG). Text alone learns the tumor level in the demo's
+# few hundred steps but not the TIL level, which is mostly texture (README, "Quick start").
+LEVELS_OVERLAY = ROOT / "configs" / "demo" / "ldm_tiny_levels.yaml"
 DEMO_GUIDANCE = 1.75
 
 
@@ -112,8 +119,24 @@ def train_vq(store: Path, out: Path, steps: int, seed: int) -> Path:
     return ckpt
 
 
-def train_ldm(store: Path, vq: Path, text: Path, logdir: Path, steps: int, seed: int) -> Path:
-    """Train configs/demo/ldm_tiny.yaml with main.py; returns the run directory."""
+def cache_latents(store: Path, vq: Path, out: Path) -> Path:
+    """The VQ latents of every tile and its flips (scripts/cache_latents.py), encoded once.
+
+    LDM training then skips the frozen encoder at every step; flips stay exact.
+    """
+    from ldm.config import read_yaml
+    from ldm.data.latents import cache_latents as encode_all
+    from ldm.evaluation.reconstruction import load_first_stage
+
+    if not out.is_file():
+        encode_all(store, load_first_stage(read_yaml(LDM_CONFIG), vq), out, flips=True,
+                   device="cpu")
+    return out
+
+
+def train_ldm(store: Path, latents: Path, vq: Path, text: Path, logdir: Path, steps: int,
+              seed: int) -> Path:
+    """Train configs/demo/ldm_tiny.yaml with main.py on cached latents; the run directory."""
     import main
     from ldm.checkpoint import read_checkpoint
 
@@ -123,10 +146,12 @@ def train_ldm(store: Path, vq: Path, text: Path, logdir: Path, steps: int, seed:
         return done[-1]
     before = set(logdir.glob("*_demo"))
     code = main.main([
-        "--base", str(LDM_CONFIG), "-t", "--accelerator", "cpu", "-l", str(logdir), "-n", "demo",
+        "--base", str(LDM_CONFIG), str(LEVELS_OVERLAY), "-t", "--accelerator", "cpu",
+        "-l", str(logdir), "-n", "demo",
         "-s", str(seed), f"data.params.train.path={store}",
+        f"data.params.train.latents_path={latents}",
         f"model.params.first_stage_config.params.ckpt_path={vq}",
-        f"model.params.cond_stage_config.params.version={text}",
+        f"model.params.cond_stage_config.params.embedders.text.params.version={text}",
         f"lightning.trainer.max_steps={steps}",
         f"lightning.modelcheckpoint.params.every_n_train_steps={steps}",
         f"lightning.callbacks.image_logger.params.batch_frequency={steps}"])
@@ -214,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder")
     p.add_argument("--vq-steps", type=positive_int, default=300,
                    help="VQ training steps (batch 16 of 32x32 crops)")
-    p.add_argument("--ldm-steps", type=positive_int, default=400,
+    p.add_argument("--ldm-steps", type=positive_int, default=600,
                    help="LDM training steps (batch 16)")
     p.add_argument("--n", type=positive_int, default=12,
                    help="samples per tumor/TIL caption (the adherence check's sample size)")
@@ -241,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
         store = timed("data preparation", prepare_data, out / "data")
         text = timed("text encoder", text_encoder, out / "text_encoder")
         vq = timed("VQ-f4 training", train_vq, store, out / "vq", args.vq_steps, args.seed)
-        run = timed("LDM training", train_ldm, store, vq, text, out / "logs", args.ldm_steps,
-                    args.seed)
+        latents = timed("latent cache", cache_latents, store, vq, out / "vq" / "latents.h5")
+        run = timed("LDM training", train_ldm, store, latents, vq, text, out / "logs",
+                    args.ldm_steps, args.seed)
         grid = timed("sampling", sample, run, store, out / "samples", args.n,
                      args.sample_steps, args.scale, args.seed)
         report = timed("adherence check", check_adherence, store, out / "samples")
