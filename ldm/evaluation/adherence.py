@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,18 @@ def read_sample_folder(folder: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def sample_level_stats(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
-    """Per-level statistics of generated images (records of :func:`read_sample_folder`)."""
-    records = list(records)
-    stats = np.array([hematoxylin_stats(r["pixels"]) for r in records]).reshape(-1, 2)
+def image_stats(records: Sequence[dict[str, Any]]) -> np.ndarray:
+    """``(N, 2)`` :func:`hematoxylin_stats` of the records' pixels (computed once per image)."""
+    return np.array([hematoxylin_stats(r["pixels"]) for r in records]).reshape(-1, 2)
+
+
+def sample_level_stats(records: Sequence[dict[str, Any]], stats: np.ndarray) -> dict[str, dict]:
+    """Per-level statistics of generated images (records of :func:`read_sample_folder` and
+    their :func:`image_stats`)."""
     return level_means(stats, {t: [r[t] for r in records] for t in TARGETS})
 
 
-def paired_gaps(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
+def paired_gaps(records: Sequence[dict[str, Any]], stats: np.ndarray) -> dict[str, dict]:
     """Per target, high minus low level for images that differ only in that level.
 
     ``sample.py --all-levels`` gives every combination the same seeds, so an image and its
@@ -101,17 +105,15 @@ def paired_gaps(records: Iterable[dict[str, Any]]) -> dict[str, dict]:
     The mean of these differences, its standard error and the share with the right sign say
     whether a gap is the captions' doing or sampling noise (given from two pairs on).
     """
-    stats = {}
-    for r in records:
-        if "seed" in r:
-            stats[(r["seed"], r["tumor"], r["til"])] = hematoxylin_stats(r["pixels"])
+    by_key = {(r["seed"], r["tumor"], r["til"]): row for r, row in zip(records, stats)
+              if "seed" in r}
     out = {}
     for target, (_, col) in TARGETS.items():
         diffs = []
-        for (seed, tumor, til), high in stats.items():
+        for (seed, tumor, til), high in by_key.items():
             if (tumor if target == "tumor" else til) != "high":
                 continue
-            low = stats.get((seed, "low", til) if target == "tumor" else (seed, tumor, "low"))
+            low = by_key.get((seed, "low", til) if target == "tumor" else (seed, tumor, "low"))
             if low is not None:
                 diffs.append(high[col] - low[col])
         d = np.asarray(diffs, dtype=np.float64)
@@ -169,8 +171,10 @@ def check_adherence(store: str | Path, samples: str | Path, out_json: str | Path
 
     records = read_sample_folder(samples)
     size = records[0]["pixels"].shape[0]
-    report = compare(store_level_stats(store, crop=size), sample_level_stats(records), min_ratio)
-    for target, paired in paired_gaps(records).items():
+    stats = image_stats(records)
+    report = compare(store_level_stats(store, crop=size), sample_level_stats(records, stats),
+                     min_ratio)
+    for target, paired in paired_gaps(records, stats).items():
         report[target]["paired"] = paired
     report.update(store=str(store), samples=str(samples), image_size=size,
                   n_generated=len(records))
