@@ -54,6 +54,7 @@ from data_prep.common import (
     write_text_atomic,
 )
 from data_prep.hdf5io import is_complete_tile_store, read_store_attrs, write_tile_store
+from ldm.config import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -215,12 +216,7 @@ def summaries_jsonl(summaries: dict[str, list[str]], prompt_version: str) -> str
 def read_report_summaries(path: Path) -> dict[str, list[str]]:
     """The release's summaries of all BRCA reports: JSON ``{id: text or [texts]}`` or CSV."""
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: not readable JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object {{id: summary}}")
+        data = read_json_object(path, "a JSON object {id: summary}")
         return {str(k): _summary_list(v) for k, v in data.items()}
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)

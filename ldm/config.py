@@ -15,6 +15,7 @@ Both are consumed by the merge; the merged config (the one a run saves) never ho
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,18 @@ DROP = "_drop_"
 
 class ConfigError(ValueError):
     """A user error in flags, configs or files; commands print it without a traceback."""
+
+
+def read_json_object(path: str | Path, expected: str = "a JSON object") -> dict[str, Any]:
+    """A JSON file that must hold an object; unreadable or other JSON is a one-line error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected {expected}, got {type(data).__name__}")
+    return data
 
 
 def read_yaml(path: str | Path, flag: str = "") -> DictConfig:

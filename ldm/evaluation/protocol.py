@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ldm.config import read_json_object
+
 # what must agree between a reference feature file and the requested evaluation
 PROTOCOL_KEYS = ("extractor", "weights_sha256", "center_crop", "resize")
 PACKAGES = ("pathldm", "torch", "torchvision", "numpy", "scipy", "transformers", "timm",
@@ -136,12 +138,7 @@ def read_stats_protocol(stats_path: str | Path,
     sidecar = stats_protocol_path(stats_path)
     if not sidecar.is_file():
         return None
-    try:
-        record = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{sidecar}: not a readable protocol file (JSON): {e}") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"{sidecar}: expected a JSON object, got {type(record).__name__}")
+    record = read_json_object(sidecar, "a protocol record (a JSON object)")
     check_protocol(record, requested, stats_path)
     return record
 
